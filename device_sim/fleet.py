@@ -1,0 +1,333 @@
+"""The simulated fleet on the wire: every device its own MQTT 5 client publishing QoS-1 messages.
+
+``Fleet.run(seconds)`` connects the devices (staggered, bounded concurrency, jittered backoff),
+lets each produce results and health reports on its family's schedule, and returns the
+``GroundTruth`` of what the broker acknowledged. Mobile border units lose their uplink now and then;
+they keep producing into a store-and-forward buffer and send it in order after reconnecting, so the
+gateway sees late but complete data.
+
+Each device is one coroutine with a few slots of state (no generator state, no per-message tasks):
+10,000 devices in one process must fit. What a device sends is decided by its firmware profile
+(``device_sim.firmware``); this module only drives the connection and records the truth. It must
+never count a message as sent before its PUBACK, and never re-send a message whose publish failed
+(whether the broker kept it is unknown; that is recorded as a failure, not guessed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import random
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from device_sim.devices import DeviceSpec, PayloadFactory, encode
+from device_sim.firmware import HONEST, FirmwareProfile, Outgoing
+from device_sim.truth import FailedRecord, GroundTruth, Outage, SentRecord
+from gateway.catalog import HEALTH_STREAM, RESULT_STREAM
+from gateway.errors import ConfigError
+
+__all__ = ["Fleet", "MOBILE_TYPE"]
+
+MOBILE_TYPE = "mobile_border"  # the family with an intermittent uplink
+
+TlsOption = ssl.SSLContext | Callable[[DeviceSpec], ssl.SSLContext] | None
+
+
+class _Device:
+    """Per-device run state; kept to a handful of slots on purpose (10k devices per process)."""
+
+    __slots__ = ("spec", "factory", "profile", "client", "seq", "outbox")
+
+    def __init__(self, spec: DeviceSpec, factory: PayloadFactory, profile: FirmwareProfile) -> None:
+        self.spec = spec
+        self.factory = factory
+        self.profile = profile
+        self.client: aiomqtt.Client | None = None
+        self.seq = 0
+        # (stream, seq, t_made): produced, not yet sent. One entry while online; the buffer when offline.
+        self.outbox: deque[tuple[str, int, float]] = deque()
+
+
+class Fleet:
+    """A fleet of simulated devices publishing to one broker.
+
+    ``rate_scale`` multiplies every family's result rate (health stays at ``health_interval_s``).
+    ``drop_every_s`` / ``drop_for_s`` are (min, max) ranges for the mobile units' outages; ``None``
+    keeps them online. ``profiles`` maps device ids to firmware profiles (default: honest).
+    ``tls`` is one context for all, or a function giving each device its own (client certificates).
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[DeviceSpec],
+        *,
+        host: str = "127.0.0.1",
+        port: int,
+        seed: int = 0,
+        rate_scale: float = 1.0,
+        health_interval_s: float = 5.0,
+        tls: TlsOption = None,
+        keep_payloads: bool = False,
+        on_progress: Callable[[int], None] | None = None,
+        profiles: Mapping[str, FirmwareProfile] | None = None,
+        drop_every_s: tuple[float, float] | None = (10.0, 20.0),
+        drop_for_s: tuple[float, float] = (1.0, 3.0),
+        connect_concurrency: int = 200,
+        connect_spread_s: float | None = None,
+        connect_timeout_s: float = 10.0,
+        publish_timeout_s: float = 10.0,
+        drain_timeout_s: float = 30.0,
+    ) -> None:
+        if rate_scale <= 0 or health_interval_s <= 0:
+            raise ConfigError("rate_scale and health_interval_s must be positive")
+        ids = [s.device_id for s in specs]
+        if len(set(ids)) != len(ids):
+            raise ConfigError("device ids must be unique (each is an MQTT client id)")
+        profiles = profiles or {}
+        self._devices = [
+            _Device(s, PayloadFactory(s, seed), profiles.get(s.device_id, HONEST)) for s in specs
+        ]
+        self.host, self.port = host, port
+        self.rate_scale = rate_scale
+        self.health_interval_s = health_interval_s
+        self.keep_payloads = keep_payloads
+        self.drop_every_s = drop_every_s
+        self.drop_for_s = drop_for_s
+        self.connect_concurrency = connect_concurrency
+        # Spread the first connects so a large fleet does not hit the broker in one millisecond:
+        # about 2,000 connects per second, at most 5 s.
+        self.connect_spread_s = min(5.0, len(specs) / 2_000) if connect_spread_s is None else connect_spread_s
+        self.connect_timeout_s = connect_timeout_s
+        self.publish_timeout_s = publish_timeout_s
+        self.drain_timeout_s = drain_timeout_s
+        self._tls = tls
+        self._on_progress = on_progress
+        # One generator for schedules, backoff and profiles: timing is not reproducible anyway, and
+        # per-device generators would cost 2.5 KB each.
+        self._rng = random.Random(seed)
+        self._truth = GroundTruth()
+        self._connect_sem: asyncio.Semaphore | None = None
+        self.connect_failures = 0  # refused or timed-out connection attempts (retried)
+
+    @property
+    def specs(self) -> list[DeviceSpec]:
+        return [d.spec for d in self._devices]
+
+    async def run(self, seconds: float) -> GroundTruth:
+        """Produce for ``seconds``, then send what is buffered, disconnect, and return the truth."""
+        loop = asyncio.get_running_loop()
+        self._truth = truth = GroundTruth(started_at=time.time())
+        self._connect_sem = asyncio.Semaphore(self.connect_concurrency)
+        stop_at = loop.time() + seconds
+        finished = asyncio.Event()
+        async with asyncio.TaskGroup() as outer:
+            if self._on_progress is not None:
+                outer.create_task(self._report_progress(finished), name="fleet:progress")
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    for d in self._devices:
+                        tg.create_task(self._run_device(d, stop_at), name=f"device:{d.spec.device_id}")
+            finally:
+                finished.set()
+        truth.ended_at = time.time()
+        return truth
+
+    # ------------------------------------------------------------------------------------- one device
+
+    async def _run_device(self, d: _Device, stop_at: float) -> None:
+        loop = asyncio.get_running_loop()
+        rng = self._rng
+        await asyncio.sleep(rng.uniform(0.0, self.connect_spread_s))
+        try:
+            if not await self._connect(d, deadline=stop_at):
+                return  # never reached the broker before the end: it produced nothing
+            interval = d.spec.kind.result_interval_s / self.rate_scale
+            now = loop.time()
+            # Random phases: a fleet that starts together must not report in lock-step.
+            next_result = now + rng.uniform(0.0, interval)
+            next_health = now + rng.uniform(0.0, self.health_interval_s)
+            drops = d.spec.device_type == MOBILE_TYPE and self.drop_every_s is not None
+            next_drop = now + rng.uniform(*self.drop_every_s) if drops and self.drop_every_s else math.inf
+            back_at = math.inf
+            down_wall = 0.0
+            while True:
+                t = min(next_result, next_health, next_drop, back_at)
+                if t >= stop_at:
+                    break
+                delay = t - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if t == back_at:
+                    back_at = math.inf
+                    buffered = len(d.outbox)
+                    if await self._connect(d, deadline=stop_at):
+                        self._truth.outages.append(Outage(d.spec.device_id, down_wall, time.time(), buffered))
+                        assert self.drop_every_s is not None
+                        next_drop = loop.time() + rng.uniform(*self.drop_every_s)
+                    else:
+                        break  # the run ended while it retried; the end-of-run drain tries again
+                elif t == next_drop:
+                    next_drop = math.inf
+                    await self._disconnect(d)  # between publishes: nothing is in flight
+                    down_wall = time.time()
+                    back_at = loop.time() + rng.uniform(*self.drop_for_s)
+                elif t == next_result:
+                    d.seq += 1
+                    d.outbox.append((RESULT_STREAM, d.seq, time.time()))
+                    next_result += interval * rng.uniform(0.5, 1.5)
+                else:
+                    d.seq += 1
+                    d.outbox.append((HEALTH_STREAM, d.seq, time.time()))
+                    next_health += self.health_interval_s
+                if d.client is not None and d.outbox:
+                    await self._flush(d, deadline=stop_at + self.drain_timeout_s)
+            await self._finish(d, loop.time() + self.drain_timeout_s, down_wall)
+        finally:
+            if d.client is not None:  # cancelled: let paho close the socket, do not wait for it
+                d.client._client.disconnect()  # noqa: SLF001 - aiomqtt has no non-blocking close
+                d.client = None
+
+    async def _finish(self, d: _Device, deadline: float, down_wall: float) -> None:
+        """End of run: an offline device comes back to send its buffer; then a clean DISCONNECT."""
+        if d.client is None and d.outbox:
+            buffered = len(d.outbox)
+            if await self._connect(d, deadline=deadline):
+                self._truth.outages.append(Outage(d.spec.device_id, down_wall, time.time(), buffered))
+        if d.client is not None:
+            await self._flush(d, deadline=deadline)
+        while d.outbox:  # could not reconnect in time: produced, never attempted
+            stream, seq, _ = d.outbox.popleft()
+            self._fail(d, stream, seq, d.spec.topic(stream), b"", "undelivered: offline when the run ended")
+        await self._disconnect(d)
+
+    async def _flush(self, d: _Device, *, deadline: float) -> None:
+        """Send the outbox in order, each publish awaited until its PUBACK."""
+        loop = asyncio.get_running_loop()
+        while d.outbox:
+            if d.client is None and not await self._connect(d, deadline=deadline):
+                return
+            stream, seq, t_made = d.outbox.popleft()
+            await self._send(d, stream, seq, t_made)
+            if loop.time() >= deadline:
+                return
+
+    async def _send(self, d: _Device, stream: str, seq: int, t_made: float) -> None:
+        spec = d.spec
+        t_sent = time.time()
+        honest = Outgoing(stream, seq, spec.topic(stream), d.factory.make(stream, seq, int(t_sent * 1000)))
+        for out in d.profile.shape(honest, self._rng):
+            data = out.raw if out.raw is not None else encode(out.payload)
+            client = d.client
+            if client is None:  # an earlier message of this batch lost the connection
+                self._fail(d, out.stream, out.seq, out.topic, data, "not connected", d.profile.name, out.tags)
+                continue
+            try:
+                await client.publish(
+                    out.topic, data, qos=out.qos, retain=out.retain,
+                    properties=_properties(out.properties), timeout=self.publish_timeout_s,
+                )
+            except (aiomqtt.MqttError, OSError, ValueError) as exc:
+                self._fail(d, out.stream, out.seq, out.topic, data, f"{type(exc).__name__}: {exc}",
+                           d.profile.name, out.tags)
+                await self._disconnect(d)  # the next send reconnects (with backoff)
+                continue
+            self._truth.sent_records.append(SentRecord(
+                spec.device_id, spec.device_type, out.stream, out.seq, out.topic, len(data),
+                hashlib.sha256(data).hexdigest(), t_sent, data if self.keep_payloads else None,
+                t_made, d.profile.name, out.tags,
+            ))
+
+    def _fail(self, d: _Device, stream: str, seq: int, topic: str, data: bytes, error: str,
+              profile: str = "honest", tags: tuple[str, ...] = ()) -> None:
+        self._truth.failed.append(FailedRecord(
+            d.spec.device_id, d.spec.device_type, stream, seq, topic, len(data),
+            hashlib.sha256(data).hexdigest(), time.time(), error, profile, tags,
+        ))
+
+    # ------------------------------------------------------------------------------------- connection
+
+    async def _connect(self, d: _Device, *, deadline: float) -> bool:
+        """Connect with jittered exponential backoff until ``deadline`` (loop time)."""
+        assert self._connect_sem is not None
+        loop = asyncio.get_running_loop()
+        tls = self._tls(d.spec) if callable(self._tls) else self._tls
+        attempt = 0
+        while True:
+            client = aiomqtt.Client(
+                self.host, self.port,
+                identifier=d.profile.client_id(d.spec),
+                protocol=aiomqtt.ProtocolVersion.V5,
+                clean_start=True,
+                tls_context=tls,
+                timeout=self.connect_timeout_s,
+                keepalive=60,
+            )
+            try:
+                async with self._connect_sem:
+                    await client.__aenter__()
+            except (aiomqtt.MqttError, OSError):
+                self.connect_failures += 1
+                attempt += 1
+                if loop.time() >= deadline:
+                    return False
+                # Full jitter: a broker restart must not be answered by every device at the same instant.
+                await asyncio.sleep(self._rng.uniform(0.0, min(5.0, 0.1 * 2**attempt)))
+                continue
+            d.client = client
+            self._truth.connects[d.spec.device_id] += 1
+            return True
+
+    async def _disconnect(self, d: _Device) -> None:
+        client, d.client = d.client, None
+        if client is None:
+            return
+        try:
+            await client.__aexit__(None, None, None)
+        except (aiomqtt.MqttError, OSError):
+            pass  # already gone: the broker has dropped the session either way (clean start)
+
+    async def _report_progress(self, finished: asyncio.Event) -> None:
+        assert self._on_progress is not None
+        loop = asyncio.get_running_loop()
+        last, last_at = -1, -math.inf
+        while True:
+            try:
+                await asyncio.wait_for(finished.wait(), 0.5)
+            except TimeoutError:
+                pass
+            sent = self._truth.sent
+            if sent != last:
+                # At most one call per 0.5 s, the final count included: a live view redraws on each.
+                await asyncio.sleep(max(0.0, last_at + 0.5 - loop.time()))
+                self._on_progress(sent)
+                last, last_at = sent, loop.time()
+            if finished.is_set():
+                return
+
+
+_PROP_NAMES = {
+    "user_property": "UserProperty",
+    "correlation_data": "CorrelationData",
+    "response_topic": "ResponseTopic",
+    "content_type": "ContentType",
+    "payload_format_indicator": "PayloadFormatIndicator",
+    "message_expiry_interval": "MessageExpiryInterval",
+    "topic_alias": "TopicAlias",
+}
+
+
+def _properties(props: Mapping[str, object]) -> Properties | None:
+    if not props:
+        return None  # the honest path: no properties object at all
+    p = Properties(PacketTypes.PUBLISH)
+    for key, value in props.items():
+        setattr(p, _PROP_NAMES.get(key, key), value)
+    return p
