@@ -1,0 +1,190 @@
+"""The audit log: one record per message the gateway received, hash-chained, never a field value.
+
+Each line of ``audit-NNNNNN.jsonl`` is one canonical JSON record with ``prev`` (the previous record's
+hash) and ``h`` = SHA-256(prev || canonical record without ``h``). Files rotate by record count and the
+chain runs on across them, so deleting, inserting, reordering or editing any record, or splicing
+files, breaks verification. Writes are group-committed: records are buffered and written per batch,
+and fsynced on an interval, never per message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import AuditError
+
+__all__ = ["AuditLog", "VerifyResult", "verify_chain", "iter_records", "GENESIS"]
+
+GENESIS = "0" * 64
+_FILE_RE = re.compile(r"audit-(\d{6})\.jsonl$")
+_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _hash(prev: str, body: str) -> str:
+    return hashlib.sha256(prev.encode() + body.encode()).hexdigest()
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted((p for p in directory.glob("audit-*.jsonl") if _FILE_RE.search(p.name)), key=lambda p: p.name)
+
+
+class AuditLog:
+    """Appends chained records under ``directory``. Not thread-safe; one writer per directory."""
+
+    def __init__(self, directory: Path, *, max_records_per_file: int = 1_000_000, fsync_every_s: float = 1.0) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.max_records_per_file = max_records_per_file
+        self.fsync_every_s = fsync_every_s
+        self._buf: list[str] = []
+        files = _files(directory)
+        self._index = 0
+        self._prev = GENESIS
+        self._file_no = 1
+        self._in_file = 0
+        if files:
+            last = files[-1]
+            self._file_no = int(_FILE_RE.search(last.name).group(1))  # type: ignore[union-attr]
+            tail = _last_complete_line(last)
+            self._in_file = _count_lines(last)
+            if tail is not None:
+                rec = json.loads(tail)
+                self._index = int(rec["i"]) + 1
+                self._prev = rec["h"]
+        self._fh = open(self._path(), "a", encoding="utf-8")
+        self._last_sync = 0.0
+
+    def _path(self) -> Path:
+        return self.directory / f"audit-{self._file_no:06d}.jsonl"
+
+    @property
+    def head(self) -> str:
+        """Hash of the last record appended (GENESIS before any)."""
+        return self._prev
+
+    @property
+    def count(self) -> int:
+        return self._index
+
+    def append(self, record: dict[str, Any]) -> str:
+        """Chain and buffer one record; returns its hash. ``i``, ``prev`` and ``h`` are set here."""
+        record["i"] = self._index
+        record["prev"] = self._prev
+        body = _dumps(record)
+        h = _hash(self._prev, body)
+        # Insert h as the last key by hand so the line stays canonical JSON without a second dumps.
+        self._buf.append(body[:-1] + ',"h":"' + h + '"}\n')
+        self._prev = h
+        self._index += 1
+        self._in_file += 1
+        if self._in_file >= self.max_records_per_file:
+            self.flush(sync=True)
+            self._fh.close()
+            self._file_no += 1
+            self._in_file = 0
+            self._fh = open(self._path(), "a", encoding="utf-8")
+        return h
+
+    def flush(self, *, sync: bool = False, now: float | None = None) -> None:
+        """Write the buffered records (one write); fsync when asked or when the interval has passed."""
+        try:
+            if self._buf:
+                self._fh.write("".join(self._buf))
+                self._buf.clear()
+                self._fh.flush()
+            if sync or (now is not None and now - self._last_sync >= self.fsync_every_s):
+                os.fsync(self._fh.fileno())
+                self._last_sync = now if now is not None else self._last_sync
+        except OSError as exc:
+            raise AuditError(f"audit log write failed: {exc.strerror}") from exc
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self.flush(sync=True)
+            self._fh.close()
+
+
+def _last_complete_line(path: Path) -> str | None:
+    data = path.read_bytes()
+    if not data:
+        return None
+    if not data.endswith(b"\n"):
+        raise AuditError(f"{path.name} ends with a partial record; run `edgeward audit verify`")
+    lines = data.rstrip(b"\n").rsplit(b"\n", 1)
+    return lines[-1].decode()
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+def iter_records(directory: Path) -> Iterator[dict[str, Any]]:
+    """Every record in order (no verification)."""
+    for path in _files(directory):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    ok: bool
+    records: int
+    files: int
+    head: str
+    error: str = ""
+    where: str = ""  # file:line of the first bad record
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "records": self.records,
+            "files": self.files,
+            "head": self.head,
+            "error": self.error,
+            "where": self.where,
+        }
+
+
+def verify_chain(directory: Path) -> VerifyResult:
+    """Recompute the whole chain. Any edit, insertion, deletion, reordering or splice fails."""
+    files = _files(directory)
+    if not files:
+        return VerifyResult(False, 0, 0, GENESIS, "no audit files", str(directory))
+    prev = GENESIS
+    expected_i = 0
+    n = 0
+    for fi, path in enumerate(files):
+        if int(_FILE_RE.search(path.name).group(1)) != fi + 1:  # type: ignore[union-attr]
+            return VerifyResult(False, n, len(files), prev, "audit file missing from the sequence", path.name)
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                where = f"{path.name}:{lineno}"
+                if not raw.endswith(b"\n"):
+                    return VerifyResult(False, n, len(files), prev, "partial record (truncated write)", where)
+                try:
+                    line = raw.decode("utf-8").rstrip("\n")
+                    rec = json.loads(line)
+                    h = rec.pop("h")
+                except Exception:  # noqa: BLE001 - a damaged line is a verification failure
+                    return VerifyResult(False, n, len(files), prev, "record is not valid JSON", where)
+                if rec.get("i") != expected_i:
+                    return VerifyResult(False, n, len(files), prev, "record index out of sequence", where)
+                if rec.get("prev") != prev:
+                    return VerifyResult(False, n, len(files), prev, "record does not chain to its predecessor", where)
+                body = _dumps(rec)
+                if _hash(prev, body) != h or body[:-1] + ',"h":"' + h + '"}' != line:
+                    return VerifyResult(False, n, len(files), prev, "record hash mismatch (modified)", where)
+                prev = h
+                expected_i += 1
+                n += 1
+    return VerifyResult(True, n, len(files), prev)

@@ -1,0 +1,71 @@
+"""Envelope encryption of one projected message for one destination.
+
+An envelope is a canonical MessagePack map ``{v, kid, n, h, c}``: format version, the data key's id,
+a random 96-bit nonce, the header, and the AES-256-GCM ciphertext. The header (device, stream,
+sequence, device timestamp, destination, policy revision) travels in clear so the receiver can route
+and deduplicate, and it is the AEAD's associated data: changing any byte of it, or moving an envelope
+to another destination, fails authentication. One AESGCM object per data key; nothing is derived per
+message.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+from cryptography.exceptions import InvalidTag
+
+from gateway.crypto.keys import DataKeyring
+from gateway.errors import CryptoError
+
+__all__ = ["Header", "seal", "open_envelope", "ENVELOPE_VERSION"]
+
+ENVELOPE_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    device: str
+    stream: str
+    seq: int
+    ts: int
+    destination: str
+    revision: str
+
+    def pack(self) -> bytes:
+        return msgpack.packb(
+            [self.device, self.stream, self.seq, self.ts, self.destination, self.revision], use_bin_type=True
+        )
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Header:
+        d, s, q, t, dst, rev = msgpack.unpackb(data, raw=False)
+        return cls(d, s, q, t, dst, rev)
+
+
+def seal(keyring: DataKeyring, header: Header, plaintext: bytes) -> bytes:
+    key = keyring.current()
+    key.used += 1
+    nonce = os.urandom(12)
+    h = header.pack()
+    ct = key.aead.encrypt(nonce, plaintext, h)
+    return msgpack.packb({"c": ct, "h": h, "kid": key.kid, "n": nonce, "v": ENVELOPE_VERSION}, use_bin_type=True)
+
+
+def open_envelope(keyring: DataKeyring, data: bytes) -> tuple[Header, bytes]:
+    """Authenticate and decrypt; CryptoError on anything wrong (never says more than what)."""
+    try:
+        env: dict[str, Any] = msgpack.unpackb(data, raw=False)
+        if env.get("v") != ENVELOPE_VERSION:
+            raise CryptoError(f"unknown envelope version {env.get('v')!r}")
+        key = keyring.get(env["kid"])
+        plaintext = key.aead.decrypt(env["n"], env["c"], env["h"])
+        return Header.unpack(env["h"]), plaintext
+    except CryptoError:
+        raise
+    except InvalidTag as exc:
+        raise CryptoError("envelope failed authentication") from exc
+    except Exception as exc:  # noqa: BLE001 - any malformed envelope is one error
+        raise CryptoError(f"malformed envelope ({type(exc).__name__})") from exc

@@ -1,0 +1,202 @@
+"""The hot path, without I/O: one device message in, deliveries and one audit record out.
+
+    topic, payload ─► topic guard ─► registry ─► size ─► decode ─► schema guard ─► dedupe
+                  ─► policy.decide ─► project + quantise ─► canonical encode ─► seal ─► deliveries
+
+``Pipeline.process`` never raises for anything a device can send: a rejection becomes an ``Outcome``
+with a reason code, and the audit record says why. It never forwards device bytes verbatim, never
+passes MQTT properties on, and never writes a field value into the audit record. Writing, sending
+and acknowledging belong to ``gateway.runtime``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gateway.catalog import DEVICE_TYPES, schema_for
+from gateway.codec import DEFAULT_LIMITS, Limits, decode, encode
+from gateway.crypto.envelope import Header, seal
+from gateway.crypto.keys import DataKeyring
+from gateway.dedupe import DedupeWindow
+from gateway.errors import RejectedMessage
+from gateway.guards import check_payload, parse_topic
+from gateway.model import Decision, MessageFacts
+
+__all__ = ["PolicyLike", "DestinationLike", "DeviceLike", "Delivery", "Outcome", "Pipeline"]
+
+
+class DestinationLike(Protocol):
+    name: str
+    transport: str
+    topic: str
+    jurisdiction: str
+
+
+class DeviceLike(Protocol):
+    device_id: str
+    device_type: str
+    vendor: str
+
+
+class PolicyLike(Protocol):
+    revision: str
+    site: str
+
+    @property
+    def destinations(self) -> Mapping[str, Any]: ...
+
+    def device(self, device_id: str) -> Any: ...
+
+    def decide(self, facts: MessageFacts) -> Decision: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    destination: str
+    transport: str  # "vault" | "mqtt"
+    topic: str  # MQTT topic for mqtt transport, "" for the vault
+    envelope: bytes
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one message. ``reason`` is '' when it was decided by the policy."""
+
+    device: str
+    stream: str
+    seq: int
+    ts: int
+    reason: str = ""
+    duplicate: bool = False
+    deliveries: list[Delivery] = field(default_factory=list)
+    decision: Decision | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Applies guards, the policy and encryption to one message at a time.
+
+    ``policy`` may be swapped between messages (hot reload) by assigning ``pipeline.policy``; each
+    message is decided under exactly one revision.
+    """
+
+    def __init__(
+        self,
+        policy: PolicyLike,
+        keyring: DataKeyring,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        dedupe: DedupeWindow | None = None,
+        clock_ms: Callable[[], int],
+    ) -> None:
+        self.policy = policy
+        self.keyring = keyring
+        self.limits = limits
+        self.dedupe = dedupe if dedupe is not None else DedupeWindow()
+        self.clock_ms = clock_ms
+
+    def process(self, topic: str, payload: bytes, *, retain: bool = False) -> Outcome:
+        policy = self.policy  # one revision for the whole message, whatever a reload does meanwhile
+        digest = hashlib.sha256(payload).hexdigest()
+        device = stream = ""
+        seq = ts = 0
+        try:
+            device, stream = parse_topic(topic, policy.site)
+            if retain:
+                raise RejectedMessage("guard.retained", "devices may not publish retained messages")
+            entry = policy.device(device)
+            if entry is None:
+                raise RejectedMessage("guard.unknown_device", "device is not in the registry")
+            dtype = DEVICE_TYPES.get(entry.device_type)
+            schema = schema_for(entry.device_type, stream)
+            if dtype is None or schema is None:
+                raise RejectedMessage("guard.unknown_type", "device type has no schema")
+            if len(payload) > dtype.max_payload:
+                raise RejectedMessage("guard.too_large", f"{len(payload)} bytes > {dtype.max_payload} for type")
+            values = decode(payload, self.limits)
+            fields, seq, ts = check_payload(schema, values, now_ms=self.clock_ms())
+        except RejectedMessage as exc:
+            out = Outcome(device, stream, seq, ts, reason=exc.code)
+            out.record = _record(out, topic, digest, len(payload), policy.revision, detail=exc.detail)
+            return out
+
+        out = Outcome(device, stream, seq, ts)
+        if not self.dedupe.is_new(device, seq):
+            out.duplicate = True
+            out.reason = "dedupe.duplicate"
+            out.record = _record(out, topic, digest, len(payload), policy.revision)
+            return out
+
+        by_name = schema.by_name
+        facts = MessageFacts(
+            device_id=device,
+            device_type=entry.device_type,
+            vendor=entry.vendor,
+            site=policy.site,
+            topic=topic,
+            stream=stream,
+            size=len(payload),
+            fields=tuple((name, by_name[name].cls) for name in fields),
+        )
+        decision = policy.decide(facts)
+        out.decision = decision
+        destinations = policy.destinations
+        for route in decision.routes:
+            if not route.allow:
+                continue
+            projected = {name: fields[name] for name in route.fields}
+            for name, step in route.quantize:
+                if name in projected:
+                    projected[name] = _quantise(projected[name], step)
+            dest = destinations[route.destination]
+            header = Header(device, stream, seq, ts, route.destination, decision.revision)
+            envelope = seal(self.keyring, header, encode(projected))
+            topic_out = f"{dest.topic}/{device}/{stream}" if dest.transport == "mqtt" else ""
+            out.deliveries.append(Delivery(route.destination, dest.transport, topic_out, envelope))
+        out.record = _record(out, topic, digest, len(payload), decision.revision)
+        return out
+
+
+def _quantise(value: Any, step: float) -> Any:
+    if type(value) is float or type(value) is int:
+        q = round(value / step) * step
+        return round(q, 12)
+    return value
+
+
+def _record(out: Outcome, topic: str, digest: str, size: int, revision: str, *, detail: str = "") -> dict[str, Any]:
+    """The audit record: names, codes and digests only. Never a field value."""
+    rec: dict[str, Any] = {
+        "dev": out.device,
+        "stream": out.stream,
+        "seq": out.seq,
+        "digest": digest,
+        "size": size,
+        "rev": revision,
+    }
+    if out.reason:
+        rec["reason"] = out.reason
+        if detail:
+            rec["detail"] = detail
+        if not out.device:
+            # The topic is attacker-chosen: keep only its digest when it did not parse.
+            rec["topic_digest"] = hashlib.sha256(topic.encode("utf-8", "replace")).hexdigest()[:32]
+    d = out.decision
+    if d is not None:
+        rec["routes"] = [
+            {
+                "dst": r.destination,
+                "allow": r.allow,
+                **({"reason": r.reason} if r.reason else {}),
+                **({"removed": [list(x) for x in r.removed]} if r.removed else {}),
+                **({"quantized": [x[0] for x in r.quantize]} if r.quantize else {}),
+                "rules": list(r.rules),
+            }
+            for r in d.routes
+        ]
+        if d.errors:
+            rec["errors"] = list(d.errors)
+    return rec

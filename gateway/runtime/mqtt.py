@@ -1,0 +1,329 @@
+"""The gateway's MQTT 5 client: the ``mqtt5`` codec (sans-I/O, Rust) driven by an asyncio Protocol.
+
+Chosen by measurement (docs/ingest-choice.md, benchmarks/ingest_compare.py): client libraries, not
+the gateway's work, dominated the per-message cost. Here the codec parses and writes packets; this
+module only moves bytes and keeps MQTT's bookkeeping:
+
+- every ``data_received`` parses all complete packets, hands the PUBLISH batch to the owner in one
+  call, and writes everything the batch produced (PUBACKs, uplink PUBLISHes) in one ``write``;
+- outgoing QoS-1 publishes get packet ids, respect the broker's receive maximum (a window; the rest
+  waits in order), and are re-sent with the DUP flag after a reconnect until acknowledged;
+- keepalive PINGREQs; CONNACK/SUBACK reason codes checked; a broken connection is reported, and
+  the owner reconnects (``connect`` may be called again on the same object).
+
+No other module imports ``mqtt5``; aiomqtt is used by the device simulator only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl as _ssl
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mqtt5
+
+from gateway.errors import BrokerError
+
+__all__ = ["Message", "MqttClient"]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One received PUBLISH. ``packet_id`` is None at QoS 0. ``has_properties`` is true when the
+    sender attached MQTT 5 properties (never passed on; a guard may flag them)."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    packet_id: int | None
+    duplicate: bool
+    has_properties: bool
+
+
+OnMessages = Callable[[list[Message]], None]
+OnAck = Callable[[int], None]
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, client: MqttClient) -> None:
+        self.client = client
+        self.buf = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.client._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        pos = 0
+        batch: list[Message] = []
+        c = self.client
+        with memoryview(buf) as mv:
+            n_total = len(buf)
+            while pos < n_total:
+                try:
+                    pkt, n = mqtt5.read(mv[pos:])
+                except IndexError:  # incomplete packet: wait for more bytes
+                    break
+                except ValueError as exc:  # malformed from the broker: drop the connection
+                    c._fail(BrokerError(f"malformed packet from broker: {exc}"))
+                    return
+                pos += n
+                if type(pkt) is mqtt5.PublishPacket:
+                    batch.append(
+                        Message(
+                            pkt.topic,
+                            pkt.payload,
+                            int(pkt.qos),
+                            pkt.retain,
+                            pkt.packet_id,
+                            pkt.duplicate,
+                            bool(
+                                pkt.user_properties
+                                or pkt.correlation_data
+                                or pkt.response_topic
+                                or pkt.content_type
+                            ),
+                        )
+                    )
+                else:
+                    c._on_control(pkt)
+        if pos:
+            del buf[:pos]
+        if batch:
+            c.received += len(batch)
+            c._on_messages(batch)
+        c.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client._lost(exc)
+
+
+class MqttClient:
+    """One MQTT 5 connection. Keyword-only options; see the module docstring for the behaviour."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        client_id: str,
+        clean_start: bool = False,
+        session_expiry: int = 7 * 24 * 3600,
+        keepalive: int = 30,
+        receive_max: int = 65535,
+        username: str | None = None,
+        password: bytes | None = None,
+        ssl: _ssl.SSLContext | None = None,
+        on_messages: OnMessages | None = None,
+        on_ack: OnAck | None = None,
+    ) -> None:
+        self.host, self.port, self.client_id = host, port, client_id
+        self.clean_start = clean_start
+        self.session_expiry = session_expiry
+        self.keepalive = keepalive
+        self.receive_max = receive_max
+        self.username, self.password, self.ssl = username, password, ssl
+        self._on_messages = on_messages or (lambda batch: None)
+        self._on_ack = on_ack or (lambda pid: None)
+        self._transport: asyncio.Transport | None = None
+        self._out: list[bytes] = []
+        self._connack: asyncio.Future[mqtt5.ConnAckPacket] | None = None
+        self._subacks: dict[int, asyncio.Future[mqtt5.SubAckPacket]] = {}
+        self._next_id = 0
+        # Outgoing QoS-1 publishes: in flight (sent, awaiting PUBACK) and waiting (beyond the window).
+        self._inflight: OrderedDict[int, tuple[str, bytes]] = OrderedDict()
+        self._waiting: deque[tuple[int, str, bytes]] = deque()
+        self._window = 20
+        self._ping_task: asyncio.Task[None] | None = None
+        self.closed: asyncio.Future[Exception | None] | None = None
+        self.connected = False
+        self.session_present = False
+        self.received = 0
+        self.acked_out = 0
+
+    # ---------------------------------------------------------------- connection
+    async def connect(self, timeout: float = 10.0) -> bool:
+        loop = asyncio.get_running_loop()
+        self.closed = loop.create_future()
+        self._connack = loop.create_future()
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: _Protocol(self), self.host, self.port, ssl=self.ssl), timeout
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise BrokerError(f"cannot reach broker {self.host}:{self.port}: {exc}") from exc
+        self._write_now(
+            mqtt5.ConnectPacket(
+                self.client_id,
+                clean_start=self.clean_start,
+                session_expiry_interval=self.session_expiry,
+                keep_alive=self.keepalive,
+                receive_max=self.receive_max,
+                username=self.username,
+                password=self.password,
+            ).write()
+        )
+        try:
+            ack = await asyncio.wait_for(asyncio.shield(self._connack), timeout)
+        except asyncio.TimeoutError as exc:
+            self.abort()
+            raise BrokerError("broker did not answer CONNECT") from exc
+        if ack.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
+            self.abort()
+            raise BrokerError(f"broker refused the connection: {ack.reason_code.name}")
+        self.connected = True
+        self.session_present = ack.session_present
+        self._window = max(1, ack.receive_max)
+        # After a reconnect, everything unacknowledged goes again (DUP set), oldest first.
+        self._out.clear()
+        resend = list(self._inflight.items())
+        self._inflight.clear()
+        for pid, (topic, payload) in resend:
+            self._waiting.appendleft((pid, topic, payload))
+        self._pump(dup_ids={pid for pid, _ in resend})
+        self.flush()
+        if self.keepalive:
+            self._ping_task = asyncio.create_task(self._pinger(), name=f"mqtt-ping-{self.client_id}")
+        return ack.session_present
+
+    async def subscribe(self, *filters: tuple[str, int], timeout: float = 10.0) -> list[int]:
+        pid = self._alloc_id()
+        fut: asyncio.Future[mqtt5.SubAckPacket] = asyncio.get_running_loop().create_future()
+        self._subacks[pid] = fut
+        tfs = [mqtt5.TopicFilter(f, max_qos=mqtt5.QoS(q)) for f, q in filters]
+        self._write_now(mqtt5.SubscribePacket(pid, tfs).write())
+        ack = await asyncio.wait_for(fut, timeout)
+        codes = [int(c) for c in ack.reason_codes]
+        if any(c >= 0x80 for c in codes):
+            raise BrokerError(f"subscription refused: {[mqtt5.SubAckReasonCode(c).name for c in codes]}")
+        return codes
+
+    async def disconnect(self) -> None:
+        if self._transport is not None and self.connected:
+            self.flush()
+            self._write_now(mqtt5.DisconnectPacket().write())
+            self._transport.close()
+        self._stop_ping()
+        if self.closed is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self.closed), 5)
+            except asyncio.TimeoutError:
+                pass
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    # ---------------------------------------------------------------- sending
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1) -> int | None:
+        """Queue a publish (written at the next ``flush``). QoS 1 returns its packet id; the owner's
+        ``on_ack(pid)`` is called when the broker acknowledges it."""
+        if qos == 0:
+            self._out.append(mqtt5.PublishPacket(topic, payload).write())
+            return None
+        pid = self._alloc_id()
+        self._waiting.append((pid, topic, payload))
+        if self.connected and len(self._inflight) < self._window:
+            self._pump()
+        return pid
+
+    def ack(self, packet_id: int) -> None:
+        """PUBACK a received QoS-1 message (written at the next ``flush``)."""
+        self._out.append(mqtt5.PubAckPacket(packet_id).write())
+
+    def flush(self) -> None:
+        if self._out and self._transport is not None and self.connected:
+            self._transport.write(b"".join(self._out))
+            self._out.clear()
+
+    @property
+    def pending_out(self) -> int:
+        """Outgoing QoS-1 publishes not yet acknowledged (in flight or waiting)."""
+        return len(self._inflight) + len(self._waiting)
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._transport
+
+    def _pump(self, dup_ids: set[int] | None = None) -> None:
+        window, inflight, waiting, out = self._window, self._inflight, self._waiting, self._out
+        while waiting and len(inflight) < window:
+            pid, topic, payload = waiting.popleft()
+            inflight[pid] = (topic, payload)
+            out.append(
+                mqtt5.PublishPacket(
+                    topic,
+                    payload,
+                    qos=mqtt5.QoS.AT_LEAST_ONCE,
+                    packet_id=pid,
+                    duplicate=bool(dup_ids and pid in dup_ids),
+                ).write()
+            )
+
+    def _alloc_id(self) -> int:
+        for _ in range(65535):
+            self._next_id = self._next_id % 65535 + 1
+            pid = self._next_id
+            if pid not in self._inflight and pid not in self._subacks:
+                return pid
+        raise BrokerError("no free MQTT packet id (65535 in flight)")
+
+    def _write_now(self, data: bytes) -> None:
+        if self._transport is not None:
+            self._transport.write(data)
+
+    # ---------------------------------------------------------------- receiving
+    def _on_control(self, pkt: object) -> None:
+        t = type(pkt)
+        if t is mqtt5.PubAckPacket:
+            pid = pkt.packet_id  # type: ignore[attr-defined]
+            if self._inflight.pop(pid, None) is not None:
+                self.acked_out += 1
+                if self._waiting and self.connected:
+                    self._pump()
+                self._on_ack(pid)
+        elif t is mqtt5.ConnAckPacket:
+            if self._connack is not None and not self._connack.done():
+                self._connack.set_result(pkt)  # type: ignore[arg-type]
+        elif t is mqtt5.SubAckPacket:
+            fut = self._subacks.pop(pkt.packet_id, None)  # type: ignore[attr-defined]
+            if fut is not None and not fut.done():
+                fut.set_result(pkt)  # type: ignore[arg-type]
+        elif t is mqtt5.DisconnectPacket:
+            self._fail(BrokerError(f"broker disconnected us: {pkt.reason_code.name}"))  # type: ignore[attr-defined]
+        # PINGRESP needs nothing; PUBREC/PUBREL never occur (QoS 2 is not used).
+
+    def _fail(self, exc: Exception) -> None:
+        if self.closed is not None and not self.closed.done():
+            self.closed.set_result(exc)
+        self.abort()
+
+    def _lost(self, exc: Exception | None) -> None:
+        self.connected = False
+        self._transport = None
+        self._out.clear()  # PUBACKs for a dead connection are meaningless; the broker redelivers
+        self._stop_ping()
+        err = exc or BrokerError("connection closed")
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_exception(BrokerError(f"connection lost during CONNECT: {err}"))
+        for fut in self._subacks.values():
+            if not fut.done():
+                fut.set_exception(BrokerError("connection lost during SUBSCRIBE"))
+        self._subacks.clear()
+        if self.closed is not None and not self.closed.done():
+            self.closed.set_result(exc)
+
+    async def _pinger(self) -> None:
+        ping = mqtt5.PingReqPacket().write()
+        while self.connected:
+            await asyncio.sleep(self.keepalive / 2)
+            self._write_now(ping)
+
+    def _stop_ping(self) -> None:
+        if self._ping_task is not None:
+            self._ping_task.cancel()
+            self._ping_task = None

@@ -1,0 +1,310 @@
+"""The running gateway: ingest from the broker, the pipeline, the vault, the uplinks, the audit log.
+
+Delivery contract (at-least-once into every destination, nothing acknowledged early): a device's
+QoS-1 message is PUBACKed to the broker only after its audit record and vault envelope have been
+written and every MQTT uplink has PUBACKed its envelope. Until then the broker keeps it in the
+gateway's persistent session, so a restart redelivers it and (device, sequence) dedupe keeps each
+destination from seeing it twice. Bounded queues: when the uplinks fall behind, ingest stops
+reading (TCP backpressure reaches the broker, which queues for the persistent session).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.audit.chain import AuditLog
+from gateway.crypto.keys import DataKeyring, load_or_create_kek
+from gateway.errors import BrokerError
+from gateway.pipeline import Pipeline, PolicyLike
+from gateway.runtime.mqtt import Message, MqttClient
+from gateway.vault import VaultWriter
+
+__all__ = ["GatewayConfig", "GatewayStats", "Gateway", "SYS_DROPPED"]
+
+SYS_DROPPED = "$SYS/broker/publish/messages/dropped"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """Where the gateway keeps its state and which broker it talks to."""
+
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 1883
+    uplink_host: str | None = None  # default: the ingest broker
+    uplink_port: int | None = None
+    client_id: str = "edgeward-gateway"
+    username: str | None = None
+    share_group: str | None = None  # "$share/<group>/..." when several workers share the ingest
+    max_pending: int = 20_000  # uplink publishes not yet acknowledged before ingest pauses
+    key_max_messages: int = 2**24
+    key_max_age_s: float = 24 * 3600.0
+
+
+@dataclass
+class GatewayStats:
+    received: int = 0
+    decided: int = 0
+    duplicates: int = 0
+    acked: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    denied: Counter[str] = field(default_factory=Counter)  # "<destination>:<reason>"
+    forwarded: Counter[str] = field(default_factory=Counter)
+    removed: Counter[str] = field(default_factory=Counter)
+    broker_dropped: int = 0
+    reconnects: int = 0
+    latency_s: list[float] = field(default_factory=list)  # receipt -> last destination acknowledged
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "received": self.received,
+            "decided": self.decided,
+            "duplicates": self.duplicates,
+            "acked": self.acked,
+            "rejected": dict(self.rejected),
+            "denied": dict(self.denied),
+            "forwarded": dict(self.forwarded),
+            "removed_fields": dict(self.removed),
+            "broker_dropped": self.broker_dropped,
+            "reconnects": self.reconnects,
+        }
+
+
+class Gateway:
+    """One gateway worker. ``async with Gateway(...) as gw: await gw.serve(stop_event)``."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        policy: PolicyLike,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.stats = GatewayStats()
+        self._clock = clock
+        state = config.state_dir
+        kek = load_or_create_kek(state / "keys" / "kek.key")
+        self.keyring = DataKeyring(
+            state / "keys" / "datakeys.jsonl",
+            kek,
+            max_messages=config.key_max_messages,
+            max_age_s=config.key_max_age_s,
+            clock=clock,
+        )
+        self.audit = AuditLog(state / "audit")
+        self.vault = VaultWriter(state / "vault")
+        self.pipeline = Pipeline(policy, self.keyring, clock_ms=lambda: int(clock() * 1000))
+        self.ingest = MqttClient(
+            host=config.host,
+            port=config.port,
+            client_id=config.client_id,
+            username=config.username,
+            on_messages=self._on_messages,
+        )
+        self.uplink = MqttClient(
+            host=config.uplink_host or config.host,
+            port=config.uplink_port or config.port,
+            client_id=config.client_id + "-uplink",
+            username=config.username,
+            on_ack=self._on_uplink_ack,
+        )
+        # uplink pid -> (ingest generation, ingest pid); ingest pid -> [outstanding uplink acks, t0]
+        self._uplink_for: dict[int, tuple[int, int]] = {}
+        self._pending: dict[int, list[float]] = {}
+        self._generation = 0
+        self._paused = False
+        self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def policy(self) -> PolicyLike:
+        return self.pipeline.policy
+
+    def swap_policy(self, policy: PolicyLike) -> None:
+        """Atomically replace the live policy (between two messages; the loop is single-threaded)."""
+        old = self.pipeline.policy.revision
+        self.pipeline.policy = policy
+        self.audit.append({"event": "policy.activated", "rev": policy.revision, "previous": old})
+
+    def audit_event(self, record: dict[str, Any]) -> None:
+        self.audit.append(record)
+        self.audit.flush(now=self._clock())
+
+    # ------------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> Gateway:
+        self._loop = asyncio.get_running_loop()
+        await self._connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _connect(self) -> None:
+        await self.uplink.connect()
+        await self.ingest.connect()
+        self._generation += 1
+        site = self.pipeline.policy.site
+        topic = f"site/{site}/dev/#"
+        if self.config.share_group:
+            topic = f"$share/{self.config.share_group}/{topic}"
+        await self.ingest.subscribe((topic, 1), (SYS_DROPPED, 0))
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, reconnecting (jittered backoff) whenever the broker goes away."""
+        backoff = 0.1
+        fsync_task = asyncio.create_task(self._syncer(stop), name="gateway-audit-sync")
+        try:
+            while not stop.is_set():
+                closed = [c.closed for c in (self.ingest, self.uplink) if c.closed is not None]
+                stop_wait = asyncio.create_task(stop.wait(), name="gateway-stop-wait")
+                await asyncio.wait([stop_wait, *closed], return_when=asyncio.FIRST_COMPLETED)
+                stop_wait.cancel()
+                if stop.is_set():
+                    break
+                self.stats.reconnects += 1
+                for c in (self.ingest, self.uplink):
+                    c.abort()
+                self._reset_pending()
+                while not stop.is_set():
+                    await asyncio.sleep(backoff * (0.5 + random.random()))
+                    try:
+                        await self._connect()
+                        backoff = 0.1
+                        break
+                    except (BrokerError, OSError):
+                        backoff = min(backoff * 2, 5.0)
+        finally:
+            fsync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await fsync_task
+
+    async def drain(self, timeout: float = 30.0) -> bool:
+        """Wait until every received message is fully acknowledged (for tests and the demo)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._pending and self.uplink.pending_out == 0:
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    async def close(self) -> None:
+        for c in (self.ingest, self.uplink):
+            with contextlib.suppress(Exception):
+                await c.disconnect()
+        self.vault.close()
+        self.audit.close()
+
+    async def _syncer(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(1.0)
+            self.audit.flush(sync=True)
+            self.vault.flush(sync=True)
+
+    def _reset_pending(self) -> None:
+        # Acks for a dead ingest connection are meaningless: the broker redelivers those messages,
+        # and dedupe recognises the ones whose deliveries already went out.
+        self._pending.clear()
+        self._uplink_for.clear()
+        self._generation += 1
+        if self._paused:
+            self._paused = False
+
+    # ------------------------------------------------------------------ the hot path
+    def _on_messages(self, batch: list[Message]) -> None:
+        stats = self.stats
+        pipeline = self.pipeline
+        audit_append = self.audit.append
+        vault_append = self.vault.append
+        uplink_publish = self.uplink.publish
+        ready: list[int] = []
+        gen = self._generation
+        t0 = time.monotonic()
+        for m in batch:
+            if m.topic == SYS_DROPPED:
+                with contextlib.suppress(ValueError):
+                    stats.broker_dropped = int(m.payload)
+                continue
+            stats.received += 1
+            out = pipeline.process(m.topic, m.payload, retain=m.retain)
+            audit_append(out.record)
+            if out.reason:
+                if out.duplicate:
+                    stats.duplicates += 1
+                else:
+                    stats.rejected[out.reason] += 1
+            else:
+                stats.decided += 1
+                assert out.decision is not None
+                for r in out.decision.routes:
+                    if not r.allow:
+                        stats.denied[f"{r.destination}:{r.reason}"] += 1
+                    for _, code in r.removed:
+                        stats.removed[code] += 1
+            n_up = 0
+            for d in out.deliveries:
+                stats.forwarded[d.destination] += 1
+                if d.transport == "vault":
+                    vault_append(d.envelope)
+                else:
+                    pid = uplink_publish(d.topic, d.envelope)
+                    if m.packet_id is not None and pid is not None:
+                        self._uplink_for[pid] = (gen, m.packet_id)
+                        n_up += 1
+            if m.packet_id is not None:
+                if n_up:
+                    self._pending[m.packet_id] = [n_up, t0]
+                else:
+                    ready.append(m.packet_id)
+        # Group commit: one write for the audit records and vault frames of the whole batch, before
+        # any of the batch is acknowledged.
+        self.vault.flush()
+        self.audit.flush()
+        for pid in ready:
+            self.ingest.ack(pid)
+        stats.acked += len(ready)
+        self.uplink.flush()
+        if not self._paused and self.uplink.pending_out > self.config.max_pending:
+            transport = self.ingest.transport
+            if transport is not None:
+                transport.pause_reading()
+                self._paused = True
+
+    def _on_uplink_ack(self, uplink_pid: int) -> None:
+        ref = self._uplink_for.pop(uplink_pid, None)
+        if ref is None:
+            return
+        gen, ingest_pid = ref
+        if gen != self._generation:
+            return
+        entry = self._pending.get(ingest_pid)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self._pending[ingest_pid]
+            self.ingest.ack(ingest_pid)
+            self.stats.acked += 1
+            lat = self.stats.latency_s
+            if len(lat) < 200_000:
+                lat.append(time.monotonic() - entry[1])
+            if not self._flush_scheduled and self._loop is not None:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        self._flush_scheduled = False
+        self.ingest.flush()
+        if self._paused and self.uplink.pending_out < self.config.max_pending // 2:
+            transport = self.ingest.transport
+            if transport is not None:
+                transport.resume_reading()
+            self._paused = False

@@ -1,0 +1,73 @@
+"""The local vault: encrypted envelopes in append-only segment files on the site's own disk.
+
+A segment ``vault-NNNNNN.seg`` is a sequence of frames: a 4-byte big-endian length, then one
+envelope (``gateway.crypto.envelope``). The vault holds only ciphertext; reading it back needs the
+site's keyring. A crash can leave a partial last frame; readers report it and stop there.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+from gateway.errors import EdgewardError
+
+__all__ = ["VaultWriter", "read_vault"]
+
+_LEN = struct.Struct(">I")
+
+
+class VaultWriter:
+    def __init__(self, directory: Path, *, segment_bytes: int = 64 * 1024 * 1024) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.segment_bytes = segment_bytes
+        existing = sorted(directory.glob("vault-*.seg"))
+        self._seg = int(existing[-1].stem.split("-")[1]) + 1 if existing else 1
+        self._buf: list[bytes] = []
+        self._open()
+
+    def _open(self) -> None:
+        # A new segment per process start: never append after a possibly torn tail.
+        self._path = self.directory / f"vault-{self._seg:06d}.seg"
+        self._fh = open(self._path, "ab")
+        self._size = self._fh.tell()
+
+    def append(self, envelope: bytes) -> None:
+        self._buf.append(_LEN.pack(len(envelope)))
+        self._buf.append(envelope)
+        self._size += 4 + len(envelope)
+
+    def flush(self, *, sync: bool = False) -> None:
+        if self._buf:
+            self._fh.write(b"".join(self._buf))
+            self._buf.clear()
+            self._fh.flush()
+        if sync:
+            os.fsync(self._fh.fileno())
+        if self._size >= self.segment_bytes:
+            self._fh.close()
+            self._seg += 1
+            self._open()
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self.flush(sync=True)
+            self._fh.close()
+
+
+def read_vault(directory: Path) -> Iterator[bytes]:
+    """Every envelope in the vault, oldest first. A torn final frame raises at the end."""
+    for path in sorted(directory.glob("vault-*.seg")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            if pos + 4 > len(data):
+                raise EdgewardError(f"{path.name}: partial frame header at byte {pos}")
+            (n,) = _LEN.unpack_from(data, pos)
+            if pos + 4 + n > len(data):
+                raise EdgewardError(f"{path.name}: partial frame at byte {pos}")
+            yield data[pos + 4 : pos + 4 + n]
+            pos += 4 + n
