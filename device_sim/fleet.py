@@ -121,6 +121,18 @@ class Fleet:
     def specs(self) -> list[DeviceSpec]:
         return [d.spec for d in self._devices]
 
+    @property
+    def truth(self) -> GroundTruth:
+        """The ground truth of the current (or last) run, filled in as it goes; for live views."""
+        return self._truth
+
+    @property
+    def offered_rate(self) -> float:
+        """Messages per second the fleet means to send (results and health), before any backlog."""
+        return sum(
+            self.rate_scale / d.spec.kind.result_interval_s + 1.0 / self.health_interval_s for d in self._devices
+        )
+
     async def run(self, seconds: float) -> GroundTruth:
         """Produce for ``seconds``, then send what is buffered, disconnect, and return the truth."""
         loop = asyncio.get_running_loop()
