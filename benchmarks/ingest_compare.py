@@ -267,6 +267,11 @@ def consume_gmqtt(a) -> Tally:
         # optimistic_acknowledgement=False: PUBACK is sent when the async on_message returns
         c = gmqtt.Client(a.client_id, clean_session=False, optimistic_acknowledgement=False,
                          session_expiry_interval=EXPIRY)
+        # gmqtt has no outgoing queue: its packet-id pool is the broker's receive_max (1000) minus one and
+        # publish() raises OverflowError when it is exhausted (that message is then never PUBACKed: measured
+        # as lost when this semaphore is removed). Holding ingest PUBACKs puts up to 1000 republishes in
+        # flight, so the application must bound them itself.
+        window = asyncio.Semaphore(900)
         waiters: dict[int, asyncio.Future] = {}
         # gmqtt's publish() is fire-and-forget; hook its PUBACK handling to wait for the republish's PUBACK
         h = c._package_handler
@@ -283,10 +288,11 @@ def consume_gmqtt(a) -> Tally:
         async def on_message(client, topic, payload, qos, properties) -> int:
             tally.received += 1
             seq, env = work(payload)
-            mid, package = c._connection.publish(gmqtt.Message(OUT_TOPIC, env, qos=1))  # = c.publish, returning mid
-            c._persistent_storage.push_message(mid, package)
-            w = waiters[mid] = loop.create_future()
-            await w
+            async with window:
+                mid, package = c._connection.publish(gmqtt.Message(OUT_TOPIC, env, qos=1))  # c.publish + mid
+                c._persistent_storage.push_message(mid, package)
+                w = waiters[mid] = loop.create_future()
+                await w
             tally.done(seq)  # PUBACK of the ingest message is sent right after this returns
             return 0
 
@@ -450,7 +456,7 @@ def run_candidate(name: str, n: int, payloads: list[bytes]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--messages", type=int, default=30000, help="messages per candidate (default 30000)")
+    ap.add_argument("--messages", type=int, default=50000, help="messages per candidate (default 50000)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ap.add_argument("--only", help="comma-separated candidate names (default: all)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
