@@ -1,0 +1,111 @@
+"""Warnings about a policy that is valid but probably not what its author meant.
+
+Never errors: a policy with warnings goes live. Each lint explains, in its hint, why the rule cannot
+do what it says (unreachable), is overridden by a forbid (shadowed), or lets a device write into
+another device's namespace (the built-in namespace check still stops it, but the grant is a mistake).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gateway.policy.spec import PolicySpec
+
+if TYPE_CHECKING:
+    from gateway.policy.validate import _V
+
+__all__ = ["lint"]
+
+
+def _namespace_reach(levels: list[str], site: str) -> str:
+    """'own', 'foreign' or 'never' for a grant filter against the namespace site/<site>/dev/<id>/..."""
+    want = ("site", site, "dev")
+    for i, w in enumerate(want):
+        if i >= len(levels):
+            return "never"
+        lv = levels[i]
+        if lv == "#":
+            return "foreign"
+        if lv != "+" and lv != w and not (i == 1 and lv == "{site}"):
+            return "never"
+    if len(levels) < 4:
+        return "never"
+    if levels[3] in ("+", "#"):
+        return "foreign"
+    if len(levels) == 4:
+        return "never"  # the namespace needs a level below the device id
+    return "own"
+
+
+def lint(spec: PolicySpec, v: _V) -> None:
+    path_of = v.ids
+    registered = {d.pattern for d in spec.devices}
+    for g in spec.grants:
+        gp = path_of.get(g.rule_id, ("grants",))
+        for j, f in enumerate(g.topics):
+            levels = f.split("/")
+            reach = _namespace_reach(levels, spec.site)
+            if reach == "never":
+                v.warn((*gp, "topics", j), "lint.unreachable_grant",
+                       f"{f!r} is outside every device namespace site/{spec.site}/dev/<id>/...",
+                       "the built-in namespace check runs first, so this filter can never grant anything")
+            elif reach == "foreign":
+                v.warn((*gp, "topics", j), "lint.foreign_namespace",
+                       f"{f!r} reaches into other devices' namespaces",
+                       "use {device} for the device's own id; the namespace check stops it anyway")
+            elif levels[3] != "{device}":
+                own = g.devices is not None and len(g.devices) == 1 and g.devices[0] == levels[3]
+                if not own:
+                    v.warn((*gp, "topics", j), "lint.foreign_namespace",
+                           f"{f!r} names device {levels[3]!r} but the grant is for {', '.join(g.devices or ['*'])}",
+                           "use {device} so each device is granted only its own namespace")
+        if spec.require_registered and g.devices:
+            for j, d in enumerate(g.devices):
+                if "*" not in d and "?" not in d and "[" not in d and d not in registered and not any(
+                    _glob(p, d) for p in registered
+                ):
+                    v.warn((*gp, "devices", j), "lint.unreachable_grant", f"device {d!r} is not registered",
+                           "require_registered is on, so an unregistered device is denied before grants")
+
+    forbids = [r for r in spec.rules if r.effect == "forbid" and r.when.always and r.fields is None]
+    dests = {d.name: d for d in spec.destinations}
+    for r in spec.rules:
+        if r.effect != "permit":
+            continue
+        rp = path_of.get(r.rule_id, ("rules",))
+        targets = [dests[n] for n in sorted(r.destinations)] if r.destinations is not None else list(dests.values())
+        targets = [d for d in targets if d.name in dests]
+        reachable = []
+        for d in targets:
+            if d.jurisdiction not in spec.allowed_jurisdictions:
+                continue
+            cls = r.classes if r.classes is not None else frozenset(spec.data_classes)
+            for c in cls:
+                dc = spec.data_classes.get(c)
+                if c == "prohibited" or dc is None:
+                    continue
+                if dc.vault_only and d.transport != "vault":
+                    continue
+                if dc.reside is not None and d.jurisdiction not in dc.reside:
+                    continue
+                reachable.append((d.name, c))
+        if not reachable:
+            v.warn(rp, "lint.unreachable_rule", f"rule {r.rule_id!r} can never let a field through",
+                   "its classes are prohibited, vault-only, may not reside there, or its destinations' "
+                   "jurisdictions are not allowed")
+            continue
+        for f in forbids:
+            if all((f.destinations is None or dn in f.destinations) and (f.classes is None or c in f.classes)
+                   for dn, c in reachable):
+                v.warn(rp, "lint.shadowed_rule", f"rule {r.rule_id!r} is overridden by forbid {f.rule_id!r}",
+                       "a matching forbid always wins; remove one of the two")
+                break
+        if r.classes is not None and "prohibited" in r.classes:
+            v.warn(rp, "lint.prohibited_permit", "'prohibited' is never allowed anywhere, whatever a rule says",
+                   "remove it from the rule")
+
+
+def _glob(pattern: str, name: str) -> bool:
+    from fnmatch import fnmatchcase
+
+    return ("*" in pattern or "?" in pattern or "[" in pattern) and fnmatchcase(name, pattern)

@@ -1,0 +1,554 @@
+"""Plain policy data -> ``PolicySpec``, with every problem reported at once.
+
+The validator is the only place that knows the file format (docs/policy.md is its prose twin and
+policies/policy.schema.json its JSON Schema twin). It never stops at the first problem: each check
+records a ``Diagnostic`` at the offending key or value and carries on with a safe stand-in, so an
+operator sees every error of a file in one run. Warnings (``lint.*``, ``ref.*``) flag rules that can
+never match, reach into another device's namespace, or name classes/destinations that do not exist;
+they never stop a policy from going live.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from gateway.catalog import DATA_CLASSES, DEVICE_TYPES, STREAMS
+from gateway.policy.diagnostics import Diagnostic, Severity
+from gateway.policy.spec import (
+    ALWAYS,
+    DataClassSpec,
+    DenySpec,
+    DestinationSpec,
+    DeviceSpec,
+    DeviceTypeSpec,
+    GrantSpec,
+    Mode,
+    ObligationSpec,
+    PolicySpec,
+    RuleSpec,
+    VendorSpec,
+    When,
+)
+from gateway.policy.syntax import Document, Path
+
+__all__ = ["validate", "BUILTIN_RULES", "FORMAT_VERSION", "TOP_KEYS", "is_glob", "filter_error"]
+
+FORMAT_VERSION = 1
+
+# Built-in checks have rule ids too, so a decision always names what decided it.
+BUILTIN_RULES: tuple[str, ...] = (
+    "builtin.site",
+    "builtin.registry",
+    "builtin.namespace",
+    "builtin.default_deny",
+    "builtin.size_limit",
+    "builtin.jurisdiction",
+    "builtin.contract",
+    "builtin.prohibited",
+    "builtin.vault_only",
+    "builtin.residency",
+    "builtin.empty",
+)
+
+TOP_KEYS = frozenset(
+    {
+        "edgeward_policy", "site", "jurisdiction", "allowed_jurisdictions", "defaults", "data_classes",
+        "vendors", "device_types", "devices", "denylist", "grants", "rules", "destinations", "description",
+    }
+)
+_DEFAULTS_KEYS = frozenset({"on_disallowed_field", "drop_when_empty", "require_registered"})
+_CLASS_KEYS = frozenset({"vault_only", "reside", "description"})
+_VENDOR_KEYS = frozenset({"maintenance_contract", "description"})
+_TYPE_KEYS = frozenset({"id", "max_size", "description"})
+_DEVICE_KEYS = frozenset({"id", "type", "vendor", "maintenance", "description"})
+_DENY_KEYS = frozenset({"id", "device", "description"})
+_GRANT_KEYS = frozenset({"id", "devices", "device_types", "topics", "description"})
+_RULE_KEYS = frozenset({"id", "effect", "destinations", "classes", "fields", "when", "description"})
+_WHEN_KEYS = frozenset({"devices", "device_types", "vendors", "streams", "topics"})
+_DEST_KEYS = frozenset(
+    {
+        "jurisdiction", "trust", "transport", "topic", "rest_at_edge", "recipient_key", "on_disallowed_field",
+        "requires_contract", "drop_when_empty", "obligations", "description",
+    }
+)
+_OBL_KEYS = frozenset({"id", "when", "remove", "quantize", "drop", "description"})
+_SELECT_KEYS = frozenset({"fields", "classes"})
+TRUST_LEVELS = ("site", "high", "medium", "low", "untrusted")
+_ID_RE = re.compile(r"[A-Za-z0-9_.:/@-]{1,128}\Z")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+_DEVICE_RE = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,128}\Z")
+_PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
+_PLACEHOLDERS = frozenset({"site", "device"})
+
+
+def is_glob(pattern: str) -> bool:
+    return "*" in pattern or "?" in pattern or "[" in pattern
+
+
+def filter_error(f: str) -> str:
+    """Why ``f`` is not a valid MQTT topic filter ('' when it is)."""
+    if not f:
+        return "an empty topic filter"
+    if "\x00" in f:
+        return "a NUL character"
+    if "+" not in f and "#" not in f:
+        return ""
+    levels = f.split("/")
+    last = len(levels) - 1
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != last):
+            return "'#' must be a whole level and the last one"
+        if "+" in level and level != "+":
+            return "'+' must be a whole level"
+    return ""
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else ""
+
+
+class _V:
+    def __init__(self, doc: Document) -> None:
+        self.doc = doc
+        self.diags: list[Diagnostic] = []
+        self.order = 0
+        self.ids: dict[str, Path] = {}
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def report(self, path: Path, code: str, message: str, hint: str = "", *, key: bool = False,
+               severity: Severity = "error") -> None:
+        f, line, col = self.doc.pos(path, key=key)
+        self.diags.append(Diagnostic(f, line, col, code, message, hint, severity))
+
+    def warn(self, path: Path, code: str, message: str, hint: str = "", *, key: bool = False) -> None:
+        self.report(path, code, message, hint, key=key, severity="warning")
+
+    # -- shapes ------------------------------------------------------------------------------------
+    def mapping(self, path: Path, v: Any, allowed: frozenset[str], what: str) -> dict[str, Any]:
+        if not isinstance(v, dict):
+            self.report(path, "schema.type", f"{what} must be a mapping, not {_kind(v)}")
+            return {}
+        extra = v.keys() - allowed
+        if extra:
+            for k in sorted(map(str, extra)):
+                self.report((*path, k), "schema.unknown_key", f"unknown key {k!r} in {what}",
+                            _suggest(k, allowed) or f"allowed keys: {', '.join(sorted(allowed))}", key=True)
+        return v
+
+    def name_map(self, path: Path, v: Any, what: str) -> dict[str, Any]:
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            self.report(path, "schema.type", f"{what} must be a mapping of name -> settings, not {_kind(v)}")
+            return {}
+        for k in v:
+            if not _NAME_RE.match(k):
+                self.report((*path, k), "value.name", f"{what} name {k!r} is not a plain name",
+                            "use letters, digits, '_', '.', '-' (at most 64)", key=True)
+        return v
+
+    def seq(self, path: Path, v: Any, what: str) -> list[Any]:
+        if v is None:
+            return []
+        if not isinstance(v, list):
+            self.report(path, "schema.type", f"{what} must be a list, not {_kind(v)}")
+            return []
+        return v
+
+    def string(self, path: Path, v: Any, what: str, *, required: bool = True) -> str | None:
+        if isinstance(v, str) and v:
+            return v
+        if v is None and not required:
+            return None
+        self.report(path, "schema.type", f"{what} must be a non-empty string, not {_kind(v)}",
+                    "quote values YAML would read as numbers, booleans or dates")
+        return None
+
+    def boolean(self, path: Path, v: Any, what: str, default: bool) -> bool:
+        if v is None:
+            return default
+        if isinstance(v, bool):
+            return v
+        self.report(path, "schema.type", f"{what} must be true or false, not {_kind(v)}")
+        return default
+
+    def enum(self, path: Path, v: Any, choices: tuple[str, ...], what: str, default: str) -> str:
+        if v is None:
+            return default
+        if v in choices:
+            return str(v)
+        self.report(path, "schema.enum", f"{what} must be one of {', '.join(choices)}; got {v!r}",
+                    _suggest(str(v), choices))
+        return default
+
+    def strings(self, path: Path, v: Any, what: str, *, star: bool = False) -> tuple[str, ...] | None:
+        """A list of non-empty strings; ``'*'`` (when ``star``) or absent -> None (any)."""
+        if v is None or (star and v == "*"):
+            return None
+        if isinstance(v, str):
+            v = [v]
+        elif not isinstance(v, list):
+            self.report(path, "schema.type", f"{what} must be a list of strings, not {_kind(v)}")
+            return ()
+        out = []
+        for i, item in enumerate(v):
+            if isinstance(item, str) and item:
+                out.append(item)
+            else:
+                self.report((*path, i), "schema.type", f"each of {what} must be a non-empty string, not {_kind(item)}",
+                            "quote values YAML would read as numbers, booleans or dates")
+        return tuple(out)
+
+    def rule_id(self, path: Path, v: dict[str, Any], derived: str) -> str:
+        rid = v.get("id")
+        if rid is None:
+            rid = self.doc.derived_ids.get(path, derived)
+        elif not isinstance(rid, str) or not _ID_RE.match(rid) or rid.startswith("builtin."):
+            self.report((*path, "id"), "value.rule_id", f"rule id {rid!r} is not usable",
+                        "use 1-128 of letters, digits and _ . : / @ -, not starting with 'builtin.'")
+            rid = self.doc.derived_ids.get(path, derived)
+        if rid in self.ids:
+            first = self.doc.pos(self.ids[rid])
+            self.report((*path, "id") if "id" in v else path, "value.duplicate_id", f"rule id {rid!r} used twice",
+                        f"first used at {first[0]}:{first[1]}:{first[2]}; every rule id must be unique")
+        else:
+            self.ids[rid] = path
+        return rid
+
+    def next_order(self) -> int:
+        self.order += 1
+        return self.order
+
+    def topic_filter(self, path: Path, f: str) -> None:
+        why = filter_error(f)
+        if why:
+            self.report(path, "value.topic_filter", f"{f!r} is not an MQTT topic filter: {why}",
+                        "'+' matches one whole level, '#' only as the last level")
+        if "{" in f or "}" in f:
+            for name in _PLACEHOLDER_RE.findall(f):
+                if name not in _PLACEHOLDERS:
+                    self.report(path, "value.placeholder", f"unknown placeholder {{{name}}} in {f!r}",
+                                "only {site} and {device} are substituted")
+            if _PLACEHOLDER_RE.sub("", f).count("{") or _PLACEHOLDER_RE.sub("", f).count("}"):
+                self.report(path, "value.placeholder", f"unbalanced brace in {f!r}")
+
+    def device_pattern(self, path: Path, p: str) -> None:
+        if not _DEVICE_RE.match(p):
+            self.report(path, "value.device_pattern", f"{p!r} is not a device id or glob",
+                        "ids use letters, digits, '_', '.', '-'; globs add '*', '?', '[...]'")
+
+    def when(self, path: Path, v: Any) -> When:
+        if v is None:
+            return ALWAYS
+        m = self.mapping(path, v, _WHEN_KEYS, "when")
+        devices = self.strings((*path, "devices"), m.get("devices"), "when.devices", star=True)
+        for i, d in enumerate(devices or ()):
+            self.device_pattern((*path, "devices", i), d)
+        topics = self.strings((*path, "topics"), m.get("topics"), "when.topics", star=False)
+        for i, t in enumerate(topics or ()):
+            self.topic_filter((*path, "topics", i), t)
+        streams = self.strings((*path, "streams"), m.get("streams"), "when.streams", star=True)
+        for i, s in enumerate(streams or ()):
+            if s not in STREAMS:
+                self.warn((*path, "streams", i), "ref.unknown_stream", f"stream {s!r} is not a catalogue stream",
+                          f"known streams: {', '.join(STREAMS)}")
+        types = self.strings((*path, "device_types"), m.get("device_types"), "when.device_types", star=True)
+        vendors = self.strings((*path, "vendors"), m.get("vendors"), "when.vendors", star=True)
+        w = When(
+            devices=devices,
+            device_types=None if types is None else frozenset(types),
+            vendors=None if vendors is None else frozenset(vendors),
+            streams=None if streams is None else frozenset(streams),
+            topics=topics,
+        )
+        return w
+
+
+def _kind(v: Any) -> str:
+    if v is None:
+        return "nothing (null)"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping"}.get(type(v), type(v).__name__)
+
+
+def validate(doc: Document) -> tuple[PolicySpec | None, list[Diagnostic]]:
+    """Check ``doc`` and build its ``PolicySpec``; the spec is None when any error was found."""
+    v = _V(doc)
+    top = v.mapping((), doc.data, TOP_KEYS, "the policy")
+
+    version = top.get("edgeward_policy")
+    if version is None:
+        v.report((), "schema.missing_key", "missing key 'edgeward_policy'",
+                 f"start the policy with `edgeward_policy: {FORMAT_VERSION}`")
+    elif version != FORMAT_VERSION or isinstance(version, bool):
+        v.report(("edgeward_policy",), "value.version", f"unsupported policy format {version!r}",
+                 f"this gateway reads format {FORMAT_VERSION}")
+    site = ""
+    jurisdiction = ""
+    for key in ("site", "jurisdiction"):
+        if key not in top:
+            v.report((), "schema.missing_key", f"missing key {key!r}",
+                     "e.g. `site: AMS-T1`" if key == "site" else "e.g. `jurisdiction: NL`")
+        else:
+            val = v.string((key,), top[key], key) or ""
+            if key == "site":
+                site = val
+                if val and ("/" in val or "+" in val or "#" in val):
+                    v.report(("site",), "value.site", f"site {val!r} may not contain '/', '+' or '#'",
+                             "it is one level of every topic")
+            else:
+                jurisdiction = val
+    aj = v.strings(("allowed_jurisdictions",), top.get("allowed_jurisdictions"), "allowed_jurisdictions")
+    allowed_j = frozenset(aj) if aj is not None else frozenset({"on_prem", jurisdiction})
+
+    dflt = v.mapping(("defaults",), top.get("defaults") or {}, _DEFAULTS_KEYS, "defaults")
+    mode: Mode = v.enum(("defaults", "on_disallowed_field"), dflt.get("on_disallowed_field"),
+                        ("remove", "deny"), "on_disallowed_field", "remove")  # type: ignore[assignment]
+    drop_empty = v.boolean(("defaults", "drop_when_empty"), dflt.get("drop_when_empty"), "drop_when_empty", True)
+    require_reg = v.boolean(("defaults", "require_registered"), dflt.get("require_registered"),
+                            "require_registered", True)
+
+    # data classes: the catalogue's are built in; a file may say where they reside
+    classes: dict[str, DataClassSpec] = {c: DataClassSpec(c) for c in DATA_CLASSES}
+    for name, body in v.name_map(("data_classes",), top.get("data_classes"), "data class").items():
+        p: Path = ("data_classes", name)
+        if name not in DATA_CLASSES:
+            v.warn(p, "ref.unknown_class", f"data class {name!r} is not in the catalogue",
+                   _suggest(name, DATA_CLASSES) or "no device field carries it, so it never matches", key=True)
+        m = v.mapping(p, body or {}, _CLASS_KEYS, f"data class {name!r}")
+        reside = v.strings((*p, "reside"), m.get("reside"), "reside", star=True)
+        classes[name] = DataClassSpec(name, v.boolean((*p, "vault_only"), m.get("vault_only"), "vault_only", False),
+                                      None if reside is None else frozenset(reside))
+
+    vendors: dict[str, VendorSpec] = {}
+    for name, body in v.name_map(("vendors",), top.get("vendors"), "vendor").items():
+        p = ("vendors", name)
+        m = v.mapping(p, body or {}, _VENDOR_KEYS, f"vendor {name!r}")
+        vendors[name] = VendorSpec(name, v.boolean((*p, "maintenance_contract"), m.get("maintenance_contract"),
+                                                   "maintenance_contract", False))
+
+    denylist: list[DenySpec] = []
+    for i, item in enumerate(v.seq(("denylist",), top.get("denylist"), "denylist")):
+        p = ("denylist", i)
+        if isinstance(item, str):
+            pattern: str | None = item
+            rid = doc.derived_ids.get(p, f"denylist[{i}]")
+            if rid in v.ids:
+                v.report(p, "value.duplicate_id", f"rule id {rid!r} used twice")
+            v.ids[rid] = p
+        else:
+            m = v.mapping(p, item, _DENY_KEYS, "a denylist entry")
+            pattern = v.string((*p, "device"), m.get("device"), "denylist device")
+            rid = v.rule_id(p, m, f"denylist[{i}]")
+        if pattern:
+            v.device_pattern(p if isinstance(item, str) else (*p, "device"), pattern)
+            denylist.append(DenySpec(pattern, rid, v.next_order()))
+
+    device_types: dict[str, DeviceTypeSpec] = {}
+    for name, body in v.name_map(("device_types",), top.get("device_types"), "device type").items():
+        p = ("device_types", name)
+        m = v.mapping(p, body or {}, _TYPE_KEYS, f"device type {name!r}")
+        size = m.get("max_size")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            v.report((*p, "max_size"), "schema.type", f"max_size must be a whole number of bytes >= 0, not {size!r}")
+            size = None
+        rid = v.rule_id(p, m, f"device_types.{name}")
+        device_types[name] = DeviceTypeSpec(name, rid, v.next_order(), size)
+    known_types = set(DEVICE_TYPES) | set(device_types)
+
+    devices: list[DeviceSpec] = []
+    for i, item in enumerate(v.seq(("devices",), top.get("devices"), "devices")):
+        p = ("devices", i)
+        m = v.mapping(p, item, _DEVICE_KEYS, "a device entry")
+        if not m:
+            continue
+        pat = v.string((*p, "id"), m.get("id"), "device id")
+        typ = v.string((*p, "type"), m.get("type"), "device type")
+        vendor = v.string((*p, "vendor"), m.get("vendor"), "vendor")
+        maint = m.get("maintenance")
+        if maint is not None and not isinstance(maint, bool):
+            v.report((*p, "maintenance"), "schema.type", "maintenance must be true or false")
+            maint = None
+        if pat:
+            v.device_pattern((*p, "id"), pat)
+        if typ and typ not in known_types:
+            v.warn((*p, "type"), "ref.unknown_device_type", f"device type {typ!r} is neither in the catalogue "
+                   "nor under device_types", _suggest(typ, known_types) or "it gets no size limit, so it is denied")
+        if vendor and vendors and vendor not in vendors:
+            v.warn((*p, "vendor"), "ref.unknown_vendor", f"vendor {vendor!r} is not declared under vendors",
+                   _suggest(vendor, vendors) or "an undeclared vendor has no maintenance contract")
+        if pat and typ and vendor:
+            devices.append(DeviceSpec(pat, typ, vendor, maint, doc.derived_ids.get(p, f"devices[{i}]"), v.next_order()))
+
+    grants: list[GrantSpec] = []
+    for i, item in enumerate(v.seq(("grants",), top.get("grants"), "grants")):
+        p = ("grants", i)
+        m = v.mapping(p, item, _GRANT_KEYS, "a grant")
+        if not m:
+            continue
+        rid = v.rule_id(p, m, f"grants[{i}]")
+        gdev = v.strings((*p, "devices"), m.get("devices"), "devices", star=True)
+        for j, d in enumerate(gdev or ()):
+            v.device_pattern((*p, "devices", j), d)
+        gtypes = v.strings((*p, "device_types"), m.get("device_types"), "device_types", star=True)
+        for j, t in enumerate(gtypes or ()):
+            if t not in known_types:
+                v.warn((*p, "device_types", j), "ref.unknown_device_type", f"device type {t!r} is not known",
+                       _suggest(t, known_types))
+        if "topics" not in m:
+            v.report(p, "schema.missing_key", "a grant needs 'topics'", "e.g. topics: [site/{site}/dev/{device}/result]")
+        topics = v.strings((*p, "topics"), m.get("topics"), "topics") or ()
+        for j, t in enumerate(topics):
+            v.topic_filter((*p, "topics", j), t)
+        if "devices" not in m and "device_types" not in m:
+            v.report(p, "schema.missing_key", "a grant needs 'devices' or 'device_types'",
+                     "say devices: '*' to grant every registered device")
+        grants.append(GrantSpec(rid, v.next_order(), gdev, None if gtypes is None else frozenset(gtypes), topics))
+
+    dest_names = list(v.name_map(("destinations",), top.get("destinations"), "destination"))
+
+    rules: list[RuleSpec] = []
+    for i, item in enumerate(v.seq(("rules",), top.get("rules"), "rules")):
+        p = ("rules", i)
+        m = v.mapping(p, item, _RULE_KEYS, "a rule")
+        if not m:
+            continue
+        rid = v.rule_id(p, m, f"rules[{i}]")
+        if "effect" not in m:
+            v.report(p, "schema.missing_key", "a rule needs 'effect'", "effect: permit or effect: forbid")
+        effect = v.enum((*p, "effect"), m.get("effect"), ("permit", "forbid"), "effect", "forbid")
+        if "destinations" not in m:
+            v.report(p, "schema.missing_key", "a rule needs 'destinations'", "a list of destination names, or '*'")
+        dests = v.strings((*p, "destinations"), m.get("destinations"), "destinations", star=True)
+        for j, d in enumerate(dests or ()):
+            if d not in dest_names:
+                v.warn((*p, "destinations", j), "ref.unknown_destination", f"destination {d!r} is not declared",
+                       _suggest(d, dest_names) or "this part of the rule never matches")
+        rcls = v.strings((*p, "classes"), m.get("classes"), "classes", star=True)
+        for j, c in enumerate(rcls or ()):
+            if c not in classes:
+                v.warn((*p, "classes", j), "ref.unknown_class", f"data class {c!r} is not known",
+                       _suggest(c, classes) or f"known classes: {', '.join(classes)}")
+        rfields = v.strings((*p, "fields"), m.get("fields"), "fields", star=True)
+        if effect == "permit" and "classes" not in m:
+            v.report(p, "schema.missing_key", "a permit rule needs 'classes'",
+                     "list the data classes it lets through, or '*' for all (never 'prohibited')")
+        rules.append(RuleSpec(rid, v.next_order(), effect,  # type: ignore[arg-type]
+                              None if dests is None else frozenset(dests),
+                              None if rcls is None else frozenset(rcls),
+                              None if rfields is None else frozenset(rfields),
+                              v.when((*p, "when"), m.get("when"))))
+
+    destinations: list[DestinationSpec] = []
+    for name in dest_names:
+        p = ("destinations", name)
+        m = v.mapping(p, top["destinations"][name] or {}, _DEST_KEYS, f"destination {name!r}")
+        for req in ("jurisdiction", "transport"):
+            if req not in m:
+                v.report(p, "schema.missing_key", f"destination {name!r} needs {req!r}", key=True)
+        jur = v.string((*p, "jurisdiction"), m.get("jurisdiction"), "jurisdiction", required=False) or ""
+        transport = v.enum((*p, "transport"), m.get("transport"), ("vault", "mqtt"), "transport", "mqtt")
+        trust = v.enum((*p, "trust"), m.get("trust"), TRUST_LEVELS, "trust", "untrusted")
+        topic = m.get("topic")
+        if topic is None:
+            topic = f"edgeward/out/{name}" if transport == "mqtt" else ""
+        elif not isinstance(topic, str) or "+" in topic or "#" in topic or "\x00" in topic:
+            v.report((*p, "topic"), "value.topic", f"destination topic {topic!r} must be a plain topic prefix",
+                     "no '+' or '#'; e.g. edgeward/out/customs_nl")
+            topic = ""
+        if transport == "vault" and topic:
+            v.report((*p, "topic"), "value.topic", "a vault destination has no MQTT topic", "remove 'topic'")
+        if transport == "mqtt" and isinstance(topic, str) and topic and not topic.startswith("edgeward/"):
+            v.warn((*p, "topic"), "lint.topic_outside_gateway", f"topic {topic!r} is outside edgeward/",
+                   "the rendered broker ACL lets the gateway write only under edgeward/#")
+        rkey = m.get("recipient_key")
+        if rkey is not None and not (isinstance(rkey, str) and rkey):
+            v.report((*p, "recipient_key"), "schema.type", "recipient_key must be a file path or null")
+            rkey = None
+        if jur and jur not in allowed_j:
+            v.warn((*p, "jurisdiction"), "lint.unreachable_destination",
+                   f"jurisdiction {jur!r} is not in allowed_jurisdictions, so {name!r} never receives anything",
+                   "add it to allowed_jurisdictions or remove the destination")
+        obligations: list[ObligationSpec] = []
+        for i, item in enumerate(v.seq((*p, "obligations"), m.get("obligations"), "obligations")):
+            op = (*p, "obligations", i)
+            om = v.mapping(op, item, _OBL_KEYS, "an obligation")
+            if not om:
+                continue
+            rid = v.rule_id(op, om, f"destinations.{name}.obligations[{i}]")
+            kinds = [k for k in ("remove", "quantize", "drop") if k in om]
+            if len(kinds) != 1:
+                v.report(op, "schema.obligation", "an obligation says exactly one of remove, quantize or drop",
+                         "split it into several obligations")
+                continue
+            kind = kinds[0]
+            w = v.when((*op, "when"), om.get("when"))
+            body = om[kind]
+            steps: list[tuple[str, float]] = []
+            ofields: frozenset[str] | None = None
+            ocls: frozenset[str] | None = None
+            if kind == "quantize":
+                qm = body if isinstance(body, dict) else {}
+                if not isinstance(body, dict) or not body:
+                    v.report((*op, kind), "schema.type", "quantize maps field names to steps",
+                             "e.g. quantize: {match_score: 0.05}")
+                for fname, step in qm.items():
+                    if isinstance(step, bool) or not isinstance(step, (int, float)) or not step > 0:
+                        v.report((*op, kind, fname), "value.step", f"step for {fname!r} must be a number > 0",
+                                 "e.g. 0.05 rounds 0.8731 to 0.85")
+                    else:
+                        steps.append((str(fname), float(step)))
+            else:
+                if isinstance(body, (list, str)):
+                    ofields = frozenset(v.strings((*op, kind), body, f"{kind} fields") or ())
+                else:
+                    sm = v.mapping((*op, kind), body, _SELECT_KEYS, kind)
+                    fl = v.strings((*op, kind, "fields"), sm.get("fields"), "fields")
+                    cl = v.strings((*op, kind, "classes"), sm.get("classes"), "classes")
+                    ofields = None if fl is None else frozenset(fl)
+                    ocls = None if cl is None else frozenset(cl)
+                    for c in sorted(ocls or ()):
+                        if c not in classes:
+                            v.warn((*op, kind, "classes"), "ref.unknown_class", f"data class {c!r} is not known",
+                                   _suggest(c, classes))
+                    if ofields is None and ocls is None:
+                        v.report((*op, kind), "schema.missing_key", f"{kind} needs fields or classes")
+            obligations.append(ObligationSpec(rid, v.next_order(), name, kind, ofields, ocls,  # type: ignore[arg-type]
+                                              tuple(steps), w))
+        destinations.append(DestinationSpec(
+            name=name, jurisdiction=jur, trust=trust, transport=transport,  # type: ignore[arg-type]
+            topic=topic if isinstance(topic, str) else "",
+            rest_at_edge=v.boolean((*p, "rest_at_edge"), m.get("rest_at_edge"), "rest_at_edge", False),
+            recipient_key=rkey,
+            on_disallowed_field=v.enum((*p, "on_disallowed_field"), m.get("on_disallowed_field"),  # type: ignore[arg-type]
+                                       ("remove", "deny"), "on_disallowed_field", mode),
+            requires_contract=v.boolean((*p, "requires_contract"), m.get("requires_contract"),
+                                        "requires_contract", False),
+            drop_when_empty=v.boolean((*p, "drop_when_empty"), m.get("drop_when_empty"), "drop_when_empty",
+                                      drop_empty),
+            obligations=tuple(obligations),
+        ))
+
+    rule_order = {b: -len(BUILTIN_RULES) + i for i, b in enumerate(BUILTIN_RULES)}
+    for group in (denylist, device_types.values(), devices, grants, rules):
+        for r in group:
+            rule_order[r.rule_id] = r.order
+    for d in destinations:
+        for o in d.obligations:
+            rule_order[o.rule_id] = o.order
+
+    spec = PolicySpec(
+        site=site, jurisdiction=jurisdiction, allowed_jurisdictions=allowed_j, require_registered=require_reg,
+        data_classes=classes, vendors=vendors, device_types=device_types, devices=tuple(devices),
+        denylist=tuple(denylist), grants=tuple(grants), rules=tuple(rules), destinations=tuple(destinations),
+        rule_order=rule_order,
+    )
+    if not any(d.severity == "error" for d in v.diags):
+        from gateway.policy.lint import lint  # the lints read a consistent spec only
+
+        lint(spec, v)
+    return (None if any(d.severity == "error" for d in v.diags) else spec), v.diags
