@@ -169,3 +169,21 @@ def test_fleet_seed_and_type_selection() -> None:
     assert {s.device_type for s in only} == {"mobile_border", "id_reader"}
     with pytest.raises(ConfigError):
         make_fleet(3, types=["toaster"])
+
+
+def test_the_checker_rejects_what_the_gateway_would() -> None:
+    """The validity tests above only mean something if the checker can say no."""
+    spec = DeviceSpec("fg-00001", "face_egate", "AMS-T1")
+    good = PayloadFactory(spec, seed=0).result(1, TS)
+    assert payload_errors("face_egate", "result", good) == []
+    bad = [
+        {**good, "covert": 1},
+        {k: v for k, v in good.items() if k != "nationality"},
+        {**good, "nationality": "nl"},
+        {**good, "match_score": 0.9004},
+        {**good, "match_score": 1.5},
+        {**good, "document_number": "X" * 13},
+        {k: v for k, v in good.items() if k != "ts"},
+    ]
+    for p in bad:
+        assert payload_errors("face_egate", "result", p) != [], p
