@@ -50,7 +50,8 @@ async def one(port: int, n: int, seconds: float, rate_scale: float, types: list[
     if full is None or end[0] - full[0] < 1.0:
         return {"devices": n, "connected": max(s[1] for s in samples), "connect_s": float("nan"),
                 "offered": fleet.offered_rate, "msgs_s": float("nan"), "cpu": float("nan"),
-                "rss_dev_kb": float("nan"), "failed": len(truth.failed)}
+                "rss_dev_kb": float("nan"), "failed": len(truth.failed),
+                "refused": fleet.connect_failures}
     dt = end[0] - full[0]
     return {
         "devices": n,
@@ -62,6 +63,7 @@ async def one(port: int, n: int, seconds: float, rate_scale: float, types: list[
         "rss_dev_kb": (full[4] - rss0) / n / 1024,
         "mb_s": sum(r.size for r in truth.sent_records if r.t_sent >= 0) / 1e6 / max(1e-9, seconds),
         "failed": len(truth.failed),
+        "refused": fleet.connect_failures,
     }
 
 
@@ -90,7 +92,7 @@ def main() -> None:
                     r = asyncio.run(run)
                 print(f"{r['devices']:>8} {r['connect_s']:>7.1f} {r['offered']:>10.0f} {r['msgs_s']:>8.0f} "
                       f"{r.get('mb_s', float('nan')):>6.1f} {r['cpu']:>6.0f} {r['rss_dev_kb']:>10.1f} "
-                      f"{r['failed']:>6}", flush=True)
+                      f"{r['failed']:>6}  connected={r['connected']:.0f} refused={r['refused']:.0f}", flush=True)
 
 
 if __name__ == "__main__":
