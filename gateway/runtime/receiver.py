@@ -1,0 +1,85 @@
+"""A destination's side of an MQTT uplink, for the demo, tests and benchmarks.
+
+It stands in for the customs system, the EU hub and the vendor's service: subscribes to the uplink
+topic tree with a persistent QoS-1 session, opens each envelope with the key it holds (proving the
+data arrived encrypted and intact), and counts what each destination received, duplicates included,
+with the end-to-end latency from the device's timestamp.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.codec import decode
+from gateway.crypto.envelope import Header, open_envelope
+from gateway.crypto.keys import DataKeyring
+from gateway.errors import CryptoError
+from gateway.runtime.mqtt import Message, MqttClient
+
+__all__ = ["Received", "DestinationReceiver"]
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    topic: str
+    header: Header
+    fields: dict[str, Any]
+
+
+@dataclass
+class DestinationReceiver:
+    host: str
+    port: int
+    keyring: DataKeyring
+    topic_filter: str = "edgeward/out/#"
+    client_id: str = "edgeward-destinations"
+    keep: bool = False
+    clock: Callable[[], float] = time.time
+    counts: Counter[str] = field(default_factory=Counter)
+    duplicates: int = 0
+    undecryptable: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    messages: list[Received] = field(default_factory=list)
+    _seen: set[tuple[str, str, str, int]] = field(default_factory=set)
+    _client: MqttClient | None = None
+
+    async def start(self) -> None:
+        self._client = MqttClient(
+            host=self.host, port=self.port, client_id=self.client_id, on_messages=self._on_messages
+        )
+        await self._client.connect()
+        await self._client.subscribe((self.topic_filter, 1))
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            await self._client.disconnect()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def _on_messages(self, batch: list[Message]) -> None:
+        now = self.clock()
+        assert self._client is not None
+        for m in batch:
+            try:
+                header, plaintext = open_envelope(self.keyring, m.payload)
+                fields = decode(plaintext)
+            except (CryptoError, Exception):  # noqa: BLE001 - counted, never trusted
+                self.undecryptable += 1
+            else:
+                key = (header.destination, header.device, header.stream, header.seq)
+                if key in self._seen:
+                    self.duplicates += 1
+                else:
+                    self._seen.add(key)
+                    self.counts[header.destination] += 1
+                    self.latencies_ms.append(now * 1000 - header.ts)
+                    if self.keep:
+                        self.messages.append(Received(m.topic, header, fields))
+            if m.packet_id is not None:
+                self._client.ack(m.packet_id)
