@@ -54,8 +54,14 @@ class DeviceEntry:
 
 
 def canonical_revision(data: Any) -> str:
-    """sha256 over canonical JSON of the policy data: formatting and key order do not change it."""
-    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    """sha256 over the canonical JSON of the policy data (first 16 hex digits).
+
+    Comments, quoting and layout do not change it; order does, because order is meaning here (the
+    first matching rule, the order of routes)."""
+    try:
+        blob = json.dumps(data, separators=(",", ":"))
+    except (TypeError, ValueError):  # a YAML date or the like in a description: still hashable as text
+        blob = json.dumps(data, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -216,22 +222,32 @@ class Policy:
         self._order = spec.rule_order
         self._deny = _Selector([(e.pattern, e.order, e) for e in spec.denylist])
         self._registry = _Selector([(d.pattern, d.order, d) for d in spec.devices])
-        by_device: dict[str, list[_Grant]] = {}
-        by_type: dict[str, list[_Grant]] = {}
-        generic: list[_Grant] = []
+        # grants indexed by exact device id / device type; each grant's filters are split the first
+        # time a message needs them (a 10k-device site should not pay for devices that never speak)
+        by_device: dict[str, list[GrantSpec]] = {}
+        by_type: dict[str, list[GrantSpec]] = {}
+        generic: list[GrantSpec] = []
         for g in spec.grants:
-            cg = _Grant(g, spec.site)
-            if g.devices is not None and not any(is_glob(p) for p in g.devices):
-                for p in dict.fromkeys(g.devices):
-                    by_device.setdefault(p, []).append(cg)
-            elif g.devices is None and g.device_types is not None:
+            devs = g.devices
+            if devs is not None and not any(is_glob(p) for p in devs):
+                if len(devs) == 1:
+                    lst = by_device.get(devs[0])
+                    if lst is None:
+                        by_device[devs[0]] = [g]
+                    else:
+                        lst.append(g)
+                else:
+                    for p in dict.fromkeys(devs):
+                        by_device.setdefault(p, []).append(g)
+            elif devs is None and g.device_types is not None:
                 for t in g.device_types:
-                    by_type.setdefault(t, []).append(cg)
+                    by_type.setdefault(t, []).append(g)
             else:
-                generic.append(cg)
+                generic.append(g)
         self._grants_by_device = by_device
         self._grants_by_type = by_type
         self._grants_generic = generic
+        self._compiled_grants: dict[int, _Grant] = {}
         self._dests = tuple(_DestPlan(d, spec) for d in spec.destinations)
         self._fallible = tuple(
             (r.rule_id, r.when.vendors is not None, r.when.device_types is not None)
@@ -305,7 +321,11 @@ class Policy:
             cands.sort(key=lambda g: g.order)
         levels = topic.split("/")
         grant = None
-        for g in cands:
+        compiled = self._compiled_grants
+        for gs in cands:
+            g = compiled.get(gs.order)
+            if g is None:
+                g = compiled[gs.order] = _Grant(gs, self.site)
             if g.selects(device_id, facts.device_type) and g.matches(device_id, topic, levels):
                 grant = g
                 break

@@ -9,7 +9,7 @@ or derived from its position) and its ``order``, its position in the merged poli
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 __all__ = [
     "When",
@@ -74,8 +74,9 @@ class DeviceTypeSpec:
     max_size: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceSpec:
+# The three per-device kinds below are NamedTuples, not dataclasses: a large site has one per device,
+# and building thousands of frozen dataclasses would dominate compile time.
+class DeviceSpec(NamedTuple):
     pattern: str  # an exact id or a glob
     device_type: str
     vendor: str
@@ -84,15 +85,13 @@ class DeviceSpec:
     order: int
 
 
-@dataclass(frozen=True, slots=True)
-class DenySpec:
+class DenySpec(NamedTuple):
     pattern: str
     rule_id: str
     order: int
 
 
-@dataclass(frozen=True, slots=True)
-class GrantSpec:
+class GrantSpec(NamedTuple):
     rule_id: str
     order: int
     devices: tuple[str, ...] | None  # ids/globs; None = any device (subject to device_types)

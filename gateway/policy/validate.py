@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from itertools import chain
 from collections.abc import Iterable
 from typing import Any
 
@@ -66,6 +67,9 @@ _TYPE_KEYS = frozenset({"id", "max_size", "description"})
 _DEVICE_KEYS = frozenset({"id", "type", "vendor", "maintenance", "description"})
 _DENY_KEYS = frozenset({"id", "device", "description"})
 _GRANT_KEYS = frozenset({"id", "devices", "device_types", "topics", "description"})
+_GRANT_FAST_KEYS = frozenset({"id", "devices", "topics"})
+_DEVICE_FAST_KEYS = frozenset({"id", "type", "vendor", "maintenance"})
+_OPT_BOOL = (type(None), bool)
 _RULE_KEYS = frozenset({"id", "effect", "destinations", "classes", "fields", "when", "description"})
 _WHEN_KEYS = frozenset({"devices", "device_types", "vendors", "streams", "topics"})
 _DEST_KEYS = frozenset(
@@ -82,6 +86,8 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 _DEVICE_RE = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,128}\Z")
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 _PLACEHOLDERS = frozenset({"site", "device"})
+# a valid topic filter without placeholders, in one C-level match (the fast path for big registries)
+_PLAIN_FILTER_RE = re.compile(r"(?:#|(?:\+|[^+#/{}\x00]*)(?:/(?:\+|[^+#/{}\x00]*))*(?:/#)?)\Z")
 
 
 def is_glob(pattern: str) -> bool:
@@ -275,6 +281,90 @@ def _kind(v: Any) -> str:
             dict: "a mapping"}.get(type(v), type(v).__name__)
 
 
+_DEVICE_CHARS_RE = re.compile(r"[A-Za-z0-9_.*?\[\]!\n-]*")
+_ID_CHARS_RE = re.compile(r"[A-Za-z0-9_.:/@\n-]*")
+
+
+def _plain_names(names: list[str], chars: re.Pattern[str]) -> bool:
+    """Every name a str of 1-128 allowed characters: a single C-level scan of the joined text."""
+    joined = "\n".join(names)  # TypeError on a non-str, which the caller treats as "not fast"
+    return bool(chars.fullmatch(joined)) and min(map(len, names)) >= 1 and max(map(len, names)) <= 128
+
+
+def _plain_filters(filters: list[str]) -> bool:
+    """Every filter valid and placeholder-free, decided with whole-text counts instead of a loop."""
+    if not filters:
+        return True
+    j = "\n" + "\n".join(filters) + "\n"
+    if "\n\n" in j or "{" in j or "}" in j or "\x00" in j:
+        return False
+    hashes = j.count("#")
+    if hashes and hashes != j.count("/#\n") + j.count("\n#\n"):
+        return False
+    if "+" in j:
+        d = j.replace("/", "//").replace("\n", "\n\n")  # doubled separators: whole-level '+' never overlap
+        if d.count("+") != d.count("/+/") + d.count("/+\n") + d.count("\n+/") + d.count("\n+\n"):
+            return False
+    return True
+
+
+_NONE_BOOL = {type(None), bool}
+
+
+def _fast_devices(items: list[Any], known_types: set[str], vendors: dict[str, Any], derived: dict[Path, str],
+                  first_order: int) -> list[DeviceSpec] | None:
+    """Column-wise checks of a large, well-formed registry at C speed; None means "take the slow path",
+    which finds and reports whatever is wrong."""
+    try:
+        if not items or set(map(type, items)) != {dict} or not all(map(_DEVICE_FAST_KEYS.issuperset, items)):
+            return None
+        ids = [x["id"] for x in items]
+        types = [x["type"] for x in items]
+        vends = [x["vendor"] for x in items]
+        maint = [x.get("maintenance") for x in items]
+        if not _plain_names(ids, _DEVICE_CHARS_RE):
+            return None
+        if not set(types) <= known_types or (vendors and not set(vends) <= vendors.keys()):
+            return None
+        if set(map(type, types)) != {str} or set(map(type, vends)) != {str} or not all(vends):
+            return None
+        if not set(map(type, maint)) <= _NONE_BOOL:
+            return None
+    except (KeyError, TypeError):
+        return None
+    n = len(items)
+    rids = [derived.get(("devices", i)) or f"devices[{i}]" for i in range(n)] if derived else [
+        f"devices[{i}]" for i in range(n)]
+    return list(map(DeviceSpec, ids, types, vends, maint, rids, range(first_order, first_order + n)))
+
+
+def _fast_grants(items: list[Any], taken: dict[str, Path], first_order: int) -> list[GrantSpec] | None:
+    """As ``_fast_devices``, for grants that name exact devices and plain filters with explicit ids."""
+    try:
+        if not items or set(map(type, items)) != {dict} or not all(map(_GRANT_FAST_KEYS.issuperset, items)):
+            return None
+        ids = [x["id"] for x in items]
+        devs = [x["devices"] for x in items]
+        tops = [x["topics"] for x in items]
+        if set(map(type, devs)) != {list} or set(map(type, tops)) != {list} or not all(devs):
+            return None
+        if not _plain_names(ids, _ID_CHARS_RE) or len(set(ids)) != len(ids) or not taken.keys().isdisjoint(ids):
+            return None
+        if any(i.startswith("builtin.") for i in ids):
+            return None
+        flat_devs = list(chain.from_iterable(devs))
+        flat_tops = list(chain.from_iterable(tops))
+        if not _plain_names(flat_devs, _DEVICE_CHARS_RE) or not _plain_filters(flat_tops):
+            return None
+    except (KeyError, TypeError):
+        return None
+    for i, rid in enumerate(ids):
+        taken[rid] = ("grants", i)
+    n = len(items)
+    return list(map(GrantSpec, ids, range(first_order, first_order + n), map(tuple, devs), [None] * n,
+                    map(tuple, tops)))
+
+
 def validate(doc: Document) -> tuple[PolicySpec | None, list[Diagnostic]]:
     """Check ``doc`` and build its ``PolicySpec``; the spec is None when any error was found."""
     v = _V(doc)
@@ -361,32 +451,81 @@ def validate(doc: Document) -> tuple[PolicySpec | None, list[Diagnostic]]:
     known_types = set(DEVICE_TYPES) | set(device_types)
 
     devices: list[DeviceSpec] = []
-    for i, item in enumerate(v.seq(("devices",), top.get("devices"), "devices")):
+    derived = doc.derived_ids
+    device_items = v.seq(("devices",), top.get("devices"), "devices")
+    fast_devices = _fast_devices(device_items, known_types, vendors, derived, v.order + 1)
+    if fast_devices is not None:
+        devices = fast_devices
+        v.order += len(devices)
+        device_items = []
+    for i, item in enumerate(device_items):
+        # fast path: a well-formed entry (the common case, thousands of them) is taken as it is
+        if (
+            type(item) is dict
+            and item.keys() <= _DEVICE_FAST_KEYS
+            and type(pat := item.get("id")) is str
+            and _DEVICE_RE.match(pat)
+            and type(typ := item.get("type")) is str
+            and typ in known_types
+            and type(vendor := item.get("vendor")) is str
+            and vendor
+            and (not vendors or vendor in vendors)
+            and type(maint := item.get("maintenance")) in _OPT_BOOL
+        ):
+            v.order += 1
+            devices.append(DeviceSpec(pat, typ, vendor, maint, derived.get(("devices", i)) or f"devices[{i}]",
+                                      v.order))
+            continue
         p = ("devices", i)
         m = v.mapping(p, item, _DEVICE_KEYS, "a device entry")
         if not m:
             continue
-        pat = v.string((*p, "id"), m.get("id"), "device id")
-        typ = v.string((*p, "type"), m.get("type"), "device type")
-        vendor = v.string((*p, "vendor"), m.get("vendor"), "vendor")
-        maint = m.get("maintenance")
-        if maint is not None and not isinstance(maint, bool):
+        spat = v.string((*p, "id"), m.get("id"), "device id")
+        styp = v.string((*p, "type"), m.get("type"), "device type")
+        svendor = v.string((*p, "vendor"), m.get("vendor"), "vendor")
+        smaint = m.get("maintenance")
+        if smaint is not None and not isinstance(smaint, bool):
             v.report((*p, "maintenance"), "schema.type", "maintenance must be true or false")
-            maint = None
-        if pat:
-            v.device_pattern((*p, "id"), pat)
-        if typ and typ not in known_types:
-            v.warn((*p, "type"), "ref.unknown_device_type", f"device type {typ!r} is neither in the catalogue "
-                   "nor under device_types", _suggest(typ, known_types) or "it gets no size limit, so it is denied")
-        if vendor and vendors and vendor not in vendors:
-            v.warn((*p, "vendor"), "ref.unknown_vendor", f"vendor {vendor!r} is not declared under vendors",
-                   _suggest(vendor, vendors) or "an undeclared vendor has no maintenance contract")
-        if pat and typ and vendor:
-            devices.append(DeviceSpec(pat, typ, vendor, maint, doc.derived_ids.get(p, f"devices[{i}]"), v.next_order()))
+            smaint = None
+        if spat:
+            v.device_pattern((*p, "id"), spat)
+        if styp and styp not in known_types:
+            v.warn((*p, "type"), "ref.unknown_device_type", f"device type {styp!r} is neither in the catalogue "
+                   "nor under device_types", _suggest(styp, known_types) or "it gets no size limit, so it is denied")
+        if svendor and vendors and svendor not in vendors:
+            v.warn((*p, "vendor"), "ref.unknown_vendor", f"vendor {svendor!r} is not declared under vendors",
+                   _suggest(svendor, vendors) or "an undeclared vendor has no maintenance contract")
+        if spat and styp and svendor:
+            devices.append(DeviceSpec(spat, styp, svendor, smaint, derived.get(p, f"devices[{i}]"), v.next_order()))
 
     grants: list[GrantSpec] = []
-    for i, item in enumerate(v.seq(("grants",), top.get("grants"), "grants")):
+    ids = v.ids
+    grant_items = v.seq(("grants",), top.get("grants"), "grants")
+    fast_grants = _fast_grants(grant_items, ids, v.order + 1)
+    if fast_grants is not None:
+        grants = fast_grants
+        v.order += len(grants)
+        grant_items = []
+    for i, item in enumerate(grant_items):
         p = ("grants", i)
+        if (
+            type(item) is dict
+            and item.keys() <= _GRANT_FAST_KEYS
+            and type(rid := item.get("id")) is str
+            and rid not in ids
+            and _ID_RE.match(rid)
+            and not rid.startswith("builtin.")
+            and type(gdevs := item.get("devices")) is list
+            and gdevs
+            and (type(gdevs[0]) is str and _DEVICE_RE.match(gdevs[0]) if len(gdevs) == 1
+                 else all(type(d) is str and _DEVICE_RE.match(d) for d in gdevs))
+            and type(gtops := item.get("topics")) is list
+            and all(type(t) is str and t and _PLAIN_FILTER_RE.match(t) for t in gtops)
+        ):
+            ids[rid] = p
+            v.order += 1
+            grants.append(GrantSpec(rid, v.order, tuple(gdevs), None, tuple(gtops)))
+            continue
         m = v.mapping(p, item, _GRANT_KEYS, "a grant")
         if not m:
             continue
@@ -535,8 +674,7 @@ def validate(doc: Document) -> tuple[PolicySpec | None, list[Diagnostic]]:
 
     rule_order = {b: -len(BUILTIN_RULES) + i for i, b in enumerate(BUILTIN_RULES)}
     for group in (denylist, device_types.values(), devices, grants, rules):
-        for r in group:
-            rule_order[r.rule_id] = r.order
+        rule_order.update(zip([r.rule_id for r in group], [r.order for r in group]))
     for d in destinations:
         for o in d.obligations:
             rule_order[o.rule_id] = o.order
