@@ -55,37 +55,40 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from gateway.runtime.broker import BrokerConfig, MosquittoBroker, free_port
+    from gateway.runtime.reload import PolicyReloader
     from gateway.runtime.service import Gateway, GatewayConfig
 
     state = Path(args.state_dir)
     policy_path = Path(args.policy)
     policy = _load_policy(policy_path)
+    shadow = _load_policy(Path(args.shadow)) if args.shadow else None
+
+    def log(s: str) -> None:
+        print(s, file=sys.stderr, flush=True)
 
     async def main() -> None:
         broker = MosquittoBroker(BrokerConfig(port=args.port or free_port(), workdir=state / "broker"))
         broker.start()
-        print(f"broker: 127.0.0.1:{broker.port} (config {broker.conf_path})", file=sys.stderr)
+        log(f"broker: 127.0.0.1:{broker.port} (config {broker.conf_path})")
         try:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGINT, stop.set)
             loop.add_signal_handler(signal.SIGTERM, stop.set)
             async with Gateway(GatewayConfig(state_dir=state / "gateway", port=broker.port), policy) as gw:
-
-                def reload() -> None:
-                    try:
-                        new = _load_policy(policy_path)
-                    except EdgewardError as exc:
-                        gw.audit_event({"event": "policy.reload_failed", "error": str(exc)[:500]})
-                        print(f"policy reload failed, keeping {gw.policy.revision}:\n{exc}", file=sys.stderr)
-                        return
-                    gw.swap_policy(new)
-                    print(f"policy revision {new.revision} is live", file=sys.stderr)
-
-                loop.add_signal_handler(signal.SIGHUP, reload)
-                print(f"gateway: policy {policy.revision}, state {state}; Ctrl-C to stop", file=sys.stderr)
+                reloader = PolicyReloader(gw, policy_path, _load_policy, log=log)
+                loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reloader.reload_now()))
+                if shadow is not None:
+                    log(f"shadow: candidate {shadow.revision} decides beside the live policy; "
+                        f"divergences -> {gw.start_shadow(shadow)}")
+                if args.record_traffic:
+                    gw.record_traffic(Path(args.record_traffic))
+                    log(f"recording traffic facts to {args.record_traffic}")
+                log(f"gateway: policy {policy.revision}, state {state}; edits to {policy_path} reload; Ctrl-C stops")
+                watcher = asyncio.create_task(reloader.watch(stop), name="policy-watch")
                 await gw.serve(stop)
-                print(json.dumps(gw.stats.to_json()), file=sys.stderr)
+                await watcher
+                log(json.dumps(gw.stats.to_json()))
         finally:
             broker.stop()
 
@@ -177,6 +180,8 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--policy", default="policies")
     r.add_argument("--state-dir", default=".edgeward")
     r.add_argument("--port", type=int, default=0, help="loopback port for the broker (default: a free one)")
+    r.add_argument("--shadow", help="a candidate policy to run in shadow (never enforced; divergences reported)")
+    r.add_argument("--record-traffic", help="append the facts of every decided message here (JSON lines)")
     r.set_defaults(func=_cmd_run)
 
     a = sub.add_parser("audit", help="audit log tools")

@@ -73,6 +73,7 @@ class Outcome:
     duplicate: bool = False
     deliveries: list[Delivery] = field(default_factory=list)
     decision: Decision | None = None
+    facts: MessageFacts | None = None
     record: dict[str, Any] = field(default_factory=dict)
 
 
@@ -143,6 +144,7 @@ class Pipeline:
         )
         decision = policy.decide(facts)
         out.decision = decision
+        out.facts = facts
         destinations = policy.destinations
         for route in decision.routes:
             if not route.allow:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import time
 from collections import Counter
@@ -24,6 +25,7 @@ from gateway.audit.chain import AuditLog
 from gateway.crypto.keys import DataKeyring, load_or_create_kek
 from gateway.errors import BrokerError
 from gateway.pipeline import Pipeline, PolicyLike
+from gateway.policy.shadow import shadow_divergences
 from gateway.runtime.mqtt import Message, MqttClient
 from gateway.vault import VaultWriter
 
@@ -44,6 +46,7 @@ class GatewayConfig:
     client_id: str = "edgeward-gateway"
     username: str | None = None
     share_group: str | None = None  # "$share/<group>/..." when several workers share the ingest
+    alert_topic: str = "edgeward/alerts"  # operator alerts (policy reload failures, detections)
     max_pending: int = 20_000  # uplink publishes not yet acknowledged before ingest pauses
     key_max_messages: int = 2**24
     key_max_age_s: float = 24 * 3600.0
@@ -61,6 +64,7 @@ class GatewayStats:
     removed: Counter[str] = field(default_factory=Counter)
     broker_dropped: int = 0
     reconnects: int = 0
+    shadow_divergent: int = 0  # messages a shadow policy would have decided differently
     latency_s: list[float] = field(default_factory=list)  # receipt -> last destination acknowledged
 
     def to_json(self) -> dict[str, Any]:
@@ -75,6 +79,7 @@ class GatewayStats:
             "removed_fields": dict(self.removed),
             "broker_dropped": self.broker_dropped,
             "reconnects": self.reconnects,
+            "shadow_divergent": self.shadow_divergent,
         }
 
 
@@ -124,6 +129,45 @@ class Gateway:
         self._paused = False
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Shadow mode: a candidate policy decides every message beside the live one, never enforced.
+        self.shadow: PolicyLike | None = None
+        self._shadow_log: Any = None
+        # Traffic recording: the facts of every decided message (names and classes, never values).
+        self._traffic: Any = None
+
+    def start_shadow(self, candidate: PolicyLike) -> Path:
+        """Run ``candidate`` in shadow; divergences go to ``<state>/shadow-<rev>.jsonl``."""
+        self.stop_shadow()
+        path = self.config.state_dir / f"shadow-{candidate.revision}.jsonl"
+        self._shadow_log = open(path, "a", encoding="utf-8")
+        self.shadow = candidate
+        self.audit_event({"event": "policy.shadow_started", "rev": candidate.revision})
+        return path
+
+    def stop_shadow(self) -> None:
+        if self._shadow_log is not None:
+            self._shadow_log.close()
+            self._shadow_log = None
+        self.shadow = None
+
+    def record_traffic(self, path: Path | None) -> None:
+        """Start (or with None stop) writing a traffic sample for ``edgeward policy diff --traffic``."""
+        if self._traffic is not None:
+            self._traffic.close()
+            self._traffic = None
+        if path is not None:
+            from gateway.policy.traffic import facts_to_json
+
+            self._facts_to_json = facts_to_json
+            self._traffic = open(path, "a", encoding="utf-8")
+
+    def alert(self, kind: str, detail: dict[str, Any]) -> None:
+        """An operator alert: into the audit log and onto ``<alert_topic>/<kind>`` (QoS 1)."""
+        record = {"event": "alert", "kind": kind, **detail}
+        self.audit_event(record)
+        if self.uplink.connected:
+            self.uplink.publish(f"{self.config.alert_topic}/{kind}", json.dumps(record, sort_keys=True).encode())
+            self.uplink.flush()
 
     @property
     def policy(self) -> PolicyLike:
@@ -200,6 +244,8 @@ class Gateway:
         for c in (self.ingest, self.uplink):
             with contextlib.suppress(Exception):
                 await c.disconnect()
+        self.stop_shadow()
+        self.record_traffic(None)
         self.vault.close()
         self.audit.close()
 
@@ -208,6 +254,9 @@ class Gateway:
             await asyncio.sleep(1.0)
             self.audit.flush(sync=True)
             self.vault.flush(sync=True)
+            for f in (self._shadow_log, self._traffic):
+                if f is not None:
+                    f.flush()
 
     def _reset_pending(self) -> None:
         # Acks for a dead ingest connection are meaningless: the broker redelivers those messages,
@@ -236,6 +285,10 @@ class Gateway:
             stats.received += 1
             out = pipeline.process(m.topic, m.payload, retain=m.retain)
             audit_append(out.record)
+            if self.shadow is not None and out.decision is not None:
+                self._shadow(out)
+            if self._traffic is not None and out.facts is not None:
+                self._traffic.write(json.dumps(self._facts_to_json(out.facts), separators=(",", ":")) + "\n")
             if out.reason:
                 if out.duplicate:
                     stats.duplicates += 1
@@ -277,6 +330,24 @@ class Gateway:
             if transport is not None:
                 transport.pause_reading()
                 self._paused = True
+
+    def _shadow(self, out: Any) -> None:
+        assert self.shadow is not None and out.facts is not None
+        try:
+            candidate = self.shadow.decide(out.facts)
+        except Exception as exc:  # noqa: BLE001 - a broken candidate must never disturb the live path
+            divergences = [{"error": type(exc).__name__}]
+        else:
+            divergences = [
+                {"dst": d.destination, "kind": d.kind, "live": d.live, "candidate": d.candidate}
+                for d in shadow_divergences(out.decision, candidate)
+            ]
+        if divergences:
+            self.stats.shadow_divergent += 1
+            self._shadow_log.write(
+                json.dumps({"dev": out.device, "stream": out.stream, "seq": out.seq, "divergences": divergences},
+                           separators=(",", ":")) + "\n"
+            )
 
     def _on_uplink_ack(self, uplink_pid: int) -> None:
         ref = self._uplink_for.pop(uplink_pid, None)
