@@ -87,20 +87,20 @@ payloads = st.dictionaries(keys, values(DEFAULT_LIMITS.max_depth - 1), max_size=
 
 
 # ---------------------------------------------------------------------------------- arbitrary bytes
-@settings(max_examples=examples(1500))
+@settings(max_examples=examples(700))
 @given(st.binary(max_size=2048))
 def test_any_bytes_decode_to_a_dict_or_one_decode_error(data: bytes) -> None:
     decode_or_code(data)
 
 
-@settings(max_examples=examples(1500))
+@settings(max_examples=examples(700))
 @given(st.sampled_from([0x80, 0x81, 0x83, 0x8F, 0xDE, 0xDF]), st.binary(max_size=512))
 def test_bytes_after_any_map_header_decode_or_fail_cleanly(first: int, rest: bytes) -> None:
     # Arbitrary bytes almost never start with a map header; these get past the first-byte check.
     decode_or_code(bytes([first]) + rest)
 
 
-@settings(max_examples=examples(300))
+@settings(max_examples=examples(150))
 @given(payloads, st.data())
 def test_mutated_valid_payloads_decode_or_fail_cleanly(value: dict[str, Any], data: st.DataObject) -> None:
     raw = bytearray(msgpack.packb(value, use_bin_type=True))
@@ -121,7 +121,7 @@ def test_mutated_valid_payloads_decode_or_fail_cleanly(value: dict[str, Any], da
 
 
 # ---------------------------------------------------------------------------------- round trip
-@settings(max_examples=examples(300))
+@settings(max_examples=examples(150))
 @given(payloads)
 def test_decode_inverts_msgpack_for_every_value_within_the_limits(value: dict[str, Any]) -> None:
     got = decode_or_code(msgpack.packb(value, use_bin_type=True))
@@ -131,7 +131,7 @@ def test_decode_inverts_msgpack_for_every_value_within_the_limits(value: dict[st
         assert got == value
 
 
-@settings(max_examples=examples(300))
+@settings(max_examples=examples(150))
 @given(payloads)
 def test_encode_is_a_canonical_inverse_of_decode(value: dict[str, Any]) -> None:
     once = encode(value)
@@ -141,7 +141,7 @@ def test_encode_is_a_canonical_inverse_of_decode(value: dict[str, Any]) -> None:
     assert encode(dict(reversed(list(value.items())))) == once
 
 
-@settings(max_examples=examples(300))
+@settings(max_examples=examples(150))
 @given(st.binary(max_size=1024))
 def test_whatever_decode_accepts_re_encodes_canonically(data: bytes) -> None:
     got = decode_or_code(data)
