@@ -164,7 +164,7 @@ def _when(w: When, facts: MessageFacts, site: str) -> bool | None:
 class _DestPlan:
     __slots__ = (
         "spec", "name", "jur_ok", "requires_contract", "deny_mode", "drop_empty", "route_forbids", "field_forbids",
-        "permits", "permits_any", "block", "drops", "removes", "quantize", "has_when",
+        "permits", "block", "drops", "removes", "quantize", "has_when",
     )
 
     def __init__(self, d: DestinationSpec, spec: PolicySpec) -> None:
@@ -178,10 +178,11 @@ class _DestPlan:
         self.route_forbids = tuple(r for r in mine if r.effect == "forbid" and r.whole_route)
         self.field_forbids = tuple(r for r in mine if r.effect == "forbid" and not r.whole_route)
         permits = [r for r in mine if r.effect == "permit"]
-        self.permits_any = tuple(r for r in permits if r.classes is None)
         classes = set(spec.data_classes) | {c for r in permits for c in (r.classes or ())}
+        known = set(spec.data_classes)
         self.permits: dict[str, tuple[RuleSpec, ...]] = {
-            c: tuple(r for r in permits if r.classes is None or c in r.classes) for c in classes
+            c: tuple(r for r in permits if (r.classes is None and c in known) or (r.classes and c in r.classes))
+            for c in classes
         }
         self.block: dict[str, tuple[str, str]] = {"prohibited": ("policy.prohibited_class", "builtin.prohibited")}
         for c, dc in spec.data_classes.items():
@@ -388,7 +389,7 @@ class Policy:
                         reason, rule = blocked
             permit = None
             if not reason:
-                for r in d.permits.get(cls, d.permits_any):
+                for r in d.permits.get(cls, ()):  # a class the policy does not know: only an explicit permit
                     if r.fields is not None and name not in r.fields:
                         continue
                     if r.when.always or _when(r.when, facts, site):

@@ -193,6 +193,8 @@ def _route(spec: PolicySpec, d: DestinationSpec, facts: MessageFacts, entry: obj
                     continue
                 if r.destinations is not None and d.name not in r.destinations:
                     continue
+                if r.classes is None and cls not in spec.data_classes:
+                    continue  # '*' means every class the policy knows, never an unknown one
                 if r.classes is not None and cls not in r.classes:
                     continue
                 if r.fields is not None and name not in r.fields:

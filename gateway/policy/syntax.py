@@ -65,10 +65,13 @@ def parse_yaml(text: str, *, source: str = "<policy>") -> tuple[Document | None,
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
         problem = exc.problem or exc.context or "malformed YAML"
-        return None, [
-            Diagnostic(source, line, col, "syntax.yaml", f"YAML: {problem}",
-                       "check indentation (spaces, not tabs), quoting and the ':' after each key")
-        ]
+        hint = "check indentation (spaces, not tabs), quoting and the ':' after each key"
+        lines = text.splitlines()
+        if mark is not None and mark.line < len(lines) and "{" in lines[mark.line] and "[" in lines[mark.line]:
+            hint = "inside [...] or {...}, quote values holding { } [ ] or ',' - e.g. \"site/{site}/dev/{device}/result\""
+        elif mark is not None and mark.line < len(lines) and "\t" in lines[mark.line]:
+            hint = "YAML indents with spaces; this line has a tab"
+        return None, [Diagnostic(source, line, col, "syntax.yaml", f"YAML: {problem}", hint)]
     except yaml.YAMLError as exc:
         return None, [Diagnostic(source, 1, 1, "syntax.yaml", f"YAML: {exc}")]
     doc = Document(None, source)
