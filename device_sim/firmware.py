@@ -21,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from device_sim.devices import DeviceSpec
 
-__all__ = ["Outgoing", "FirmwareProfile", "Honest", "HONEST"]
+__all__ = ["Outgoing", "Will", "FirmwareProfile", "Honest", "HONEST"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,11 +43,35 @@ class Outgoing:
     retain: bool = False
     properties: dict[str, Any] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
+    technique: str = ""  # the hostile technique this message carries; '' for an honest one
+    secret: bytes | None = None  # the exact bytes it tries to leak (ground truth for leak search)
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    """A will message a profile registers at connect (the broker publishes it on an abnormal close)."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+    qos: int = 1
+    technique: str = "dead_drop"
+    secret: bytes | None = None
 
 
 @runtime_checkable
 class FirmwareProfile(Protocol):
-    """What a device's firmware does to each message before it is sent."""
+    """What a device's firmware does to each message before it is sent.
+
+    Some techniques are actions rather than payload shapes; a profile may also define any of these
+    optional hooks, which the fleet looks up with ``getattr`` (an honest profile defines none):
+
+    - ``username(spec) -> str | None``: the MQTT username (default: the fleet's choice);
+    - ``will(spec) -> Will | None``: a will message registered at connect;
+    - ``extra_subscriptions(spec) -> Sequence[str]``: topic filters subscribed after connect;
+    - ``delay_before(seq) -> float``: extra seconds to wait before sending message ``seq``;
+    - ``drops_connection: bool``: end the run by closing the socket without DISCONNECT (fires the will).
+    """
 
     name: str
 

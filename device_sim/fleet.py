@@ -16,6 +16,7 @@ never count a message as sent before its PUBACK, and never re-send a message who
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import math
 import random
@@ -27,10 +28,11 @@ from collections.abc import Callable, Mapping, Sequence
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from device_sim.devices import DeviceSpec, PayloadFactory, encode
-from device_sim.firmware import HONEST, FirmwareProfile, Outgoing
-from device_sim.truth import FailedRecord, GroundTruth, Outage, SentRecord
+from device_sim.firmware import HONEST, FirmwareProfile, Outgoing, Will
+from device_sim.truth import FailedRecord, GroundTruth, HostileAction, Outage, SentRecord
 from gateway.catalog import HEALTH_STREAM, RESULT_STREAM
 from gateway.errors import ConfigError
 
@@ -44,7 +46,7 @@ TlsOption = ssl.SSLContext | Callable[[DeviceSpec], ssl.SSLContext] | None
 class _Device:
     """Per-device run state; kept to a handful of slots on purpose (10k devices per process)."""
 
-    __slots__ = ("spec", "factory", "profile", "client", "seq", "outbox")
+    __slots__ = ("spec", "factory", "profile", "client", "seq", "outbox", "puback")
 
     def __init__(self, spec: DeviceSpec, factory: PayloadFactory, profile: FirmwareProfile) -> None:
         self.spec = spec
@@ -52,6 +54,9 @@ class _Device:
         self.profile = profile
         self.client: aiomqtt.Client | None = None
         self.seq = 0
+        # The reason code of the last PUBACK: aiomqtt does not report it, and a device publishes one
+        # message at a time, so the last one is the one just awaited.
+        self.puback = [0]
         # (stream, seq, t_made): produced, not yet sent. One entry while online; the buffer when offline.
         self.outbox: deque[tuple[str, int, float]] = deque()
 
@@ -63,6 +68,10 @@ class Fleet:
     ``drop_every_s`` / ``drop_for_s`` are (min, max) ranges for the mobile units' outages; ``None``
     keeps them online. ``profiles`` maps device ids to firmware profiles (default: honest).
     ``tls`` is one context for all, or a function giving each device its own (client certificates).
+    ``usernames`` connects each device with its id as MQTT username (what the certificate's CN gives
+    on the mTLS listener), so a broker ACL with ``%u`` patterns can be tested on a plain listener.
+    ``probe_dead_drops`` checks after the run whether another client can read a hostile device's
+    retained messages and wills.
     """
 
     def __init__(
@@ -85,6 +94,8 @@ class Fleet:
         connect_timeout_s: float = 10.0,
         publish_timeout_s: float = 10.0,
         drain_timeout_s: float = 30.0,
+        usernames: bool = False,
+        probe_dead_drops: bool = True,
     ) -> None:
         if rate_scale <= 0 or health_interval_s <= 0:
             raise ConfigError("rate_scale and health_interval_s must be positive")
@@ -109,6 +120,10 @@ class Fleet:
         self.publish_timeout_s = publish_timeout_s
         self.drain_timeout_s = drain_timeout_s
         self._tls = tls
+        self.usernames = usernames
+        self.probe_dead_drops = probe_dead_drops
+        self._probe_tasks: dict[str, asyncio.Task[None]] = {}
+        self._probe_received: dict[str, int] = {}
         self._on_progress = on_progress
         # One generator for schedules, backoff and profiles: timing is not reproducible anyway, and
         # per-device generators would cost 2.5 KB each.
@@ -149,6 +164,8 @@ class Fleet:
                         tg.create_task(self._run_device(d, stop_at), name=f"device:{d.spec.device_id}")
             finally:
                 finished.set()
+        if self.probe_dead_drops:
+            await self._probe_dead_drops()
         truth.ended_at = time.time()
         return truth
 
@@ -218,6 +235,8 @@ class Fleet:
         while d.outbox:  # could not reconnect in time: produced, never attempted
             stream, seq, _ = d.outbox.popleft()
             self._fail(d, stream, seq, d.spec.topic(stream), b"", "undelivered: offline when the run ended")
+        if getattr(d.profile, "drops_connection", False) and d.client is not None:
+            await self._disconnect_with_will(d)
         await self._disconnect(d)
 
     async def _flush(self, d: _Device, *, deadline: float) -> None:
@@ -233,14 +252,24 @@ class Fleet:
 
     async def _send(self, d: _Device, stream: str, seq: int, t_made: float) -> None:
         spec = d.spec
+        delay_before = getattr(d.profile, "delay_before", None)
+        if delay_before is not None:
+            delay = float(delay_before(seq))
+            self._act(d, "timing", seq=seq, topic=spec.topic(stream), secret=getattr(d.profile, "secret", None),
+                      outcome=f"delay_s:{delay:.3f}")
+            if delay > 0:
+                await asyncio.sleep(delay)
         t_sent = time.time()
         honest = Outgoing(stream, seq, spec.topic(stream), d.factory.make(stream, seq, int(t_sent * 1000)))
         for out in d.profile.shape(honest, self._rng):
             data = out.raw if out.raw is not None else encode(out.payload)
             client = d.client
             if client is None:  # an earlier message of this batch lost the connection
-                self._fail(d, out.stream, out.seq, out.topic, data, "not connected", d.profile.name, out.tags)
+                self._fail(d, out.stream, out.seq, out.topic, data, "not connected", d.profile.name, out.tags,
+                           out.technique, out.secret)
+                self._act_publish(d, out, "failed:not connected")
                 continue
+            d.puback[0] = 0
             try:
                 await client.publish(
                     out.topic, data, qos=out.qos, retain=out.retain,
@@ -248,21 +277,44 @@ class Fleet:
                 )
             except (aiomqtt.MqttError, OSError, ValueError) as exc:
                 self._fail(d, out.stream, out.seq, out.topic, data, f"{type(exc).__name__}: {exc}",
-                           d.profile.name, out.tags)
+                           d.profile.name, out.tags, out.technique, out.secret)
+                self._act_publish(d, out, f"failed:{type(exc).__name__}")
                 await self._disconnect(d)  # the next send reconnects (with backoff)
+                continue
+            code = d.puback[0] if out.qos else 0
+            if code >= 0x80:
+                # The broker refused it (e.g. 135, not authorised by the ACL): never count it as sent.
+                self._fail(d, out.stream, out.seq, out.topic, data, f"PUBACK {code}", d.profile.name, out.tags,
+                           out.technique, out.secret)
+                self._act_publish(d, out, f"puback:{code}")
                 continue
             self._truth.sent_records.append(SentRecord(
                 spec.device_id, spec.device_type, out.stream, out.seq, out.topic, len(data),
                 hashlib.sha256(data).hexdigest(), t_sent, data if self.keep_payloads else None,
-                t_made, d.profile.name, out.tags,
+                t_made, d.profile.name, out.tags, out.technique, out.secret,
             ))
+            if out.technique:
+                self._act_publish(d, out, f"puback:{code}")
 
     def _fail(self, d: _Device, stream: str, seq: int, topic: str, data: bytes, error: str,
-              profile: str = "honest", tags: tuple[str, ...] = ()) -> None:
+              profile: str = "honest", tags: tuple[str, ...] = (), technique: str = "",
+              secret: bytes | None = None) -> None:
         self._truth.failed.append(FailedRecord(
             d.spec.device_id, d.spec.device_type, stream, seq, topic, len(data),
-            hashlib.sha256(data).hexdigest(), time.time(), error, profile, tags,
+            hashlib.sha256(data).hexdigest(), time.time(), error, profile, tags, technique, secret,
         ))
+
+    def _act(self, d: _Device, kind: str, *, technique: str = "", seq: int = 0, topic: str = "",
+             secret: bytes | None = None, outcome: str = "", detail: str = "") -> None:
+        technique = technique or getattr(d.profile, "technique", d.profile.name)
+        self._truth.actions.append(HostileAction(
+            d.spec.device_id, d.profile.name, technique, kind, seq, topic, secret, outcome, time.time(), detail,
+        ))
+
+    def _act_publish(self, d: _Device, out: Outgoing, outcome: str) -> None:
+        if out.technique:
+            self._act(d, "publish", technique=out.technique, seq=out.seq, topic=out.topic, secret=out.secret,
+                      outcome=outcome, detail=",".join(out.tags) + (",retain" if out.retain else ""))
 
     # ------------------------------------------------------------------------------------- connection
 
@@ -271,23 +323,36 @@ class Fleet:
         assert self._connect_sem is not None
         loop = asyncio.get_running_loop()
         tls = self._tls(d.spec) if callable(self._tls) else self._tls
+        profile = d.profile
+        identifier = profile.client_id(d.spec)
+        username_hook = getattr(profile, "username", None)
+        username = username_hook(d.spec) if username_hook is not None else None
+        if username is None and self.usernames:
+            username = d.spec.device_id
+        will_hook = getattr(profile, "will", None)
+        will: Will | None = will_hook(d.spec) if will_hook is not None else None
         attempt = 0
         while True:
             client = aiomqtt.Client(
                 self.host, self.port,
-                identifier=d.profile.client_id(d.spec),
+                identifier=identifier,
+                username=username,
                 protocol=aiomqtt.ProtocolVersion.V5,
                 clean_start=True,
                 tls_context=tls,
                 timeout=self.connect_timeout_s,
                 keepalive=60,
+                will=aiomqtt.Will(will.topic, will.payload, will.qos, will.retain) if will is not None else None,
             )
+            _watch_pubacks(client, d.puback)
             try:
                 async with self._connect_sem:
                     await client.__aenter__()
-            except (aiomqtt.MqttError, OSError):
+            except (aiomqtt.MqttError, OSError) as exc:
                 self.connect_failures += 1
                 attempt += 1
+                if identifier != d.spec.device_id or (username not in (None, d.spec.device_id)):
+                    self._act_connect(d, identifier, username, f"failed:{type(exc).__name__}")
                 if loop.time() >= deadline:
                     return False
                 # Full jitter: a broker restart must not be answered by every device at the same instant.
@@ -295,7 +360,113 @@ class Fleet:
                 continue
             d.client = client
             self._truth.connects[d.spec.device_id] += 1
+            if profile is not HONEST:
+                await self._after_hostile_connect(d, client, identifier, username, will)
             return True
+
+    def _act_connect(self, d: _Device, identifier: str, username: str | None, outcome: str) -> None:
+        secret_hook = getattr(d.profile, "identity_secret", None)
+        self._act(d, "connect", secret=secret_hook(d.spec) if secret_hook is not None else None,
+                  outcome=outcome, detail=f"client_id={identifier} username={username}")
+
+    async def _after_hostile_connect(self, d: _Device, client: aiomqtt.Client, identifier: str,
+                                     username: str | None, will: Will | None) -> None:
+        """Record what a hostile profile did at connect, and make the subscriptions it asks for."""
+        if identifier != d.spec.device_id or username not in (None, d.spec.device_id):
+            self._act_connect(d, identifier, username, "connack:0")
+        if will is not None:
+            self._act(d, "will", technique=will.technique, topic=will.topic, secret=will.secret,
+                      outcome="registered", detail="retain" if will.retain else "")
+        subs_hook = getattr(d.profile, "extra_subscriptions", None)
+        filters = list(subs_hook(d.spec)) if subs_hook is not None else []
+        if not filters:
+            return
+        for f in filters:
+            try:
+                codes = await client.subscribe(f, qos=1, timeout=self.publish_timeout_s)
+                outcome = "suback:" + ",".join(str(_code(c)) for c in (codes or []))
+            except (aiomqtt.MqttError, OSError, ValueError) as exc:
+                outcome = f"failed:{type(exc).__name__}"
+            self._act(d, "subscribe", topic=f, outcome=outcome)
+        dev = d.spec.device_id
+        old = self._probe_tasks.pop(dev, None)
+        if old is not None:
+            old.cancel()
+        self._probe_received.setdefault(dev, 0)
+        self._probe_tasks[dev] = asyncio.create_task(self._count_probe(dev, client), name=f"probe:{dev}")
+
+    async def _count_probe(self, dev: str, client: aiomqtt.Client) -> None:
+        """Consume (and count) what a probing device's subscriptions bring it; the count goes to the truth."""
+        try:
+            async for _ in client.messages:
+                self._probe_received[dev] += 1
+        except (aiomqtt.MqttError, OSError):
+            pass
+
+    async def _disconnect_with_will(self, d: _Device) -> None:
+        """MQTT 5 DISCONNECT with reason 0x04: the broker publishes the will, as if the device had died."""
+        client, d.client = d.client, None
+        if client is None:
+            return
+        try:
+            client._client.disconnect(  # noqa: SLF001 - aiomqtt has no way to pass a reason code
+                reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=0x04))
+            await asyncio.sleep(0.05)
+        except (aiomqtt.MqttError, OSError, ValueError):
+            pass
+        self._act(d, "will", outcome="fired", detail="disconnect reason 0x04")
+
+    async def _probe_dead_drops(self) -> None:
+        """Can another client read what a hostile device left retained (messages, retained wills)?"""
+        for dev, task in list(self._probe_tasks.items()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await task
+            self._truth.actions.append(HostileAction(
+                dev, self._profile_of(dev), "subscribe_probe", "subscribe", outcome=f"received:{self._probe_received[dev]}",
+                t=time.time(), detail="messages delivered to the probing subscriptions during the run"))
+        self._probe_tasks.clear()
+        drops = [a for a in self._truth.actions
+                 if a.technique == "dead_drop" and a.kind in ("publish", "will") and a.secret is not None
+                 and "retain" in a.detail]
+        if not drops:
+            return
+        by_topic: dict[str, list[HostileAction]] = {}
+        for a in drops:
+            by_topic.setdefault(a.topic, []).append(a)
+        ids = [d.spec.device_id for d in self._devices]
+        for topic, acts in by_topic.items():
+            owner = acts[0].device_id
+            peer = next((i for i in ids if i != owner), "peer")  # another device's identity
+            got = await self._read_retained(topic, peer)
+            for a in acts:
+                self._truth.actions.append(HostileAction(
+                    a.device_id, a.profile, "dead_drop", "retrieve", a.seq, topic, a.secret,
+                    "retrievable:" + ("yes" if got == a.secret else "no"), time.time(),
+                    f"read by {peer} ({'matching' if got == a.secret else 'no matching'} retained message)",
+                ))
+
+    async def _read_retained(self, topic: str, peer: str) -> bytes | None:
+        got: bytes | None = None
+        tls = self._tls(next(d.spec for d in self._devices)) if callable(self._tls) else self._tls
+        try:
+            async with aiomqtt.Client(
+                self.host, self.port, identifier=f"deaddrop-probe-{peer}", username=peer if self.usernames else None,
+                protocol=aiomqtt.ProtocolVersion.V5, clean_start=True, tls_context=tls,
+                timeout=self.connect_timeout_s,
+            ) as c:
+                await c.subscribe(topic, qos=1)
+                async with asyncio.timeout(0.5):
+                    async for m in c.messages:
+                        if m.retain and isinstance(m.payload, bytes):
+                            got = m.payload
+                            break
+        except (TimeoutError, aiomqtt.MqttError, OSError):
+            pass
+        return got
+
+    def _profile_of(self, dev: str) -> str:
+        return next((d.profile.name for d in self._devices if d.spec.device_id == dev), "honest")
 
     async def _disconnect(self, d: _Device) -> None:
         client, d.client = d.client, None
@@ -334,6 +505,23 @@ _PROP_NAMES = {
     "message_expiry_interval": "MessageExpiryInterval",
     "topic_alias": "TopicAlias",
 }
+
+
+def _code(rc: object) -> int:
+    value = getattr(rc, "value", rc)
+    return int(value) if isinstance(value, int) else 0
+
+
+def _watch_pubacks(client: aiomqtt.Client, box: list[int]) -> None:
+    """Keep the reason code of each PUBACK in ``box[0]`` (aiomqtt resolves the publish without it)."""
+    paho = client._client  # noqa: SLF001 - the reason code is only visible in paho's callback
+    inner = paho.on_publish
+
+    def on_publish(c: object, userdata: object, mid: int, reason_code: object, properties: object) -> None:
+        box[0] = _code(reason_code)
+        inner(c, userdata, mid, reason_code, properties)  # type: ignore[misc]
+
+    paho.on_publish = on_publish
 
 
 def _properties(props: Mapping[str, object]) -> Properties | None:

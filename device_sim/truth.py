@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SentRecord", "FailedRecord", "Outage", "GroundTruth"]
+__all__ = ["SentRecord", "FailedRecord", "Outage", "HostileAction", "GroundTruth"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +38,8 @@ class SentRecord:
     t_made: float = 0.0
     profile: str = "honest"
     tags: tuple[str, ...] = ()
+    technique: str = ""  # the hostile technique this message carries ('' when honest)
+    secret: bytes | None = None  # the exact bytes it tries to leak, as put on the wire
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,8 @@ class FailedRecord:
     error: str
     profile: str = "honest"
     tags: tuple[str, ...] = ()
+    technique: str = ""
+    secret: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,31 @@ class Outage:
     buffered: int
 
 
+@dataclass(frozen=True, slots=True)
+class HostileAction:
+    """One thing a hostile firmware tried, with what came of it.
+
+    ``kind`` is what it was on the wire: ``publish`` (one per hostile message, sent or not),
+    ``connect`` (a client id or username chosen to carry data, or another device's id), ``subscribe``
+    (one per filter), ``will`` (a will message registered at connect), ``timing`` (one bit put in the
+    delay before a message), ``retrieve`` (a second client trying to read a dead drop). ``secret`` is
+    the exact bytes it tried to leak (``None`` when the action carries no data, e.g. a probe).
+    ``outcome`` is what the broker answered, as ``<what>:<value>``: ``puback:0``, ``puback:135``,
+    ``suback:135``, ``received:12``, ``connack:0``, ``retrievable:yes``, ``failed:<error>``.
+    """
+
+    device_id: str
+    profile: str
+    technique: str
+    kind: str
+    seq: int = 0
+    topic: str = ""
+    secret: bytes | None = None
+    outcome: str = ""
+    t: float = 0.0
+    detail: str = ""
+
+
 @dataclass(slots=True)
 class GroundTruth:
     """Everything a run did, in publish order per device. Mutable while the run fills it."""
@@ -75,6 +104,7 @@ class GroundTruth:
     sent_records: list[SentRecord] = field(default_factory=list)
     failed: list[FailedRecord] = field(default_factory=list)
     outages: list[Outage] = field(default_factory=list)
+    actions: list[HostileAction] = field(default_factory=list)  # every hostile action, in order
     connects: Counter[str] = field(default_factory=Counter)  # successful CONNACKs per device
     started_at: float = 0.0
     ended_at: float = 0.0
@@ -92,6 +122,11 @@ class GroundTruth:
         return Counter(r.device_type for r in self.sent_records)
 
     @property
+    def hostile_records(self) -> list[SentRecord]:
+        """The acknowledged messages that carried a hostile technique."""
+        return [r for r in self.sent_records if r.technique]
+
+    @property
     def bytes_sent(self) -> int:
         return sum(r.size for r in self.sent_records)
 
@@ -104,7 +139,8 @@ class GroundTruth:
         with open(path, "w", encoding="utf-8") as f:
             f.write(json.dumps({"kind": "run", "started_at": self.started_at, "ended_at": self.ended_at,
                                 "connects": dict(self.connects)}) + "\n")
-            for kind, records in (("sent", self.sent_records), ("failed", self.failed), ("outage", self.outages)):
+            for kind, records in (("sent", self.sent_records), ("failed", self.failed), ("outage", self.outages),
+                                  ("action", self.actions)):
                 for r in records:
                     f.write(json.dumps({"kind": kind, **_jsonable(asdict(r))}) + "\n")
 
@@ -123,14 +159,17 @@ class GroundTruth:
                     continue
                 if "tags" in obj:
                     obj["tags"] = tuple(obj["tags"])
+                for key in ("payload", "secret"):
+                    if obj.get(key) is not None:
+                        obj[key] = base64.b64decode(obj[key])
                 if kind == "sent":
-                    if obj.get("payload") is not None:
-                        obj["payload"] = base64.b64decode(obj["payload"])
                     truth.sent_records.append(SentRecord(**obj))
                 elif kind == "failed":
                     truth.failed.append(FailedRecord(**obj))
                 elif kind == "outage":
                     truth.outages.append(Outage(**obj))
+                elif kind == "action":
+                    truth.actions.append(HostileAction(**obj))
                 else:
                     raise ValueError(f"{path}: unknown record kind {kind!r}")
         return truth
@@ -138,6 +177,7 @@ class GroundTruth:
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     out = dict(d)
-    if isinstance(out.get("payload"), bytes):
-        out["payload"] = base64.b64encode(out["payload"]).decode("ascii")
+    for key in ("payload", "secret"):
+        if isinstance(out.get(key), bytes):
+            out[key] = base64.b64encode(out[key]).decode("ascii")
     return out
