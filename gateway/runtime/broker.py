@@ -51,6 +51,9 @@ class TlsListener:
     certfile: Path
     keyfile: Path
     crlfile: Path | None = None
+    # Address the device listener binds (devices are on the site network in production); None: the
+    # broker's ``host`` (loopback), as in tests and the demo. The gateway's listener stays on ``host``.
+    host: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +137,7 @@ class BrokerConfig:
                 "",
                 "# The devices' listener: mutual TLS; the certificate's CN becomes the MQTT username, so a",
                 "# device cannot claim another device's identity.",
-                f"listener {t.port} {self.host}",
+                f"listener {t.port} {t.host or self.host}",
                 f"max_connections {self.max_connections}",
                 f"cafile {t.cafile}",
                 f"certfile {t.certfile}",
@@ -193,12 +196,15 @@ class MosquittoBroker:
             )
         finally:
             log.close()
-        ports = [self.config.port] + ([self.config.tls.port] if self.config.tls else [])
+        probes = [(self.config.host, self.config.port)]
+        if self.config.tls is not None:
+            tls_host = self.config.tls.host or self.config.host
+            probes.append(("127.0.0.1" if tls_host in ("0.0.0.0", "") else tls_host, self.config.tls.port))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise BrokerError(f"mosquitto exited with {self.proc.returncode}: {self._log_tail()}")
-            if all(_accepts(self.config.host, p) for p in ports):
+            if all(_accepts(h, p) for h, p in probes):
                 return
             time.sleep(0.02)
         self.stop()

@@ -10,6 +10,7 @@ The device side is a deliberately small synchronous MQTT 5 client over ``ssl`` s
 
 from __future__ import annotations
 
+import signal
 import socket
 import ssl
 import time
@@ -257,3 +258,62 @@ def test_device_refuses_a_broker_from_another_ca(env: Env) -> None:
                              env.site_dir / "certs" / "xr-00001.key")
     with pytest.raises(Refused, match="CERTIFICATE_VERIFY_FAILED"):
         RawClient.connect(env.tls_port, "xr-00001", ctx=ctx)
+
+
+# --------------------------------------------------------------------------- a whole site, end to end
+def test_site_broker_end_to_end_and_revocation(tmp_path: Path) -> None:
+    """``init_site`` + ``Site.broker_config``: devices over mTLS, the gateway with its password on the
+    loopback listener, anonymous loopback clients refused, and ``revoke`` effective after SIGHUP."""
+    import os as _os
+
+    from gateway.site import init_site, load_site
+
+    policy = Path(__file__).resolve().parents[2] / "policies"
+    root = init_site(tmp_path / "site", policy_src=policy, devices=["xr-00001", "xr-00002"],
+                     passphrase="integration passphrase", kdf_memory_kib=64, device_port=0, gateway_port=0)
+    site = load_site(root, "integration passphrase")
+    broker = MosquittoBroker(site.broker_config())
+    broker.start()
+    try:
+        user, password = site.gateway_credentials()
+        with pytest.raises(Refused):
+            RawClient.connect(broker.port, "intruder", ctx=None)  # anonymous on the gateway's listener
+        with pytest.raises(Refused):
+            RawClient.connect(broker.port, "intruder", ctx=None, username=user)  # the name without the password
+        gw = _connect_with_password(broker.port, user, password)
+        gw.subscribe(f"site/{SITE}/#")
+        tls_port = broker.config.tls.port  # type: ignore[union-attr]
+        dev, _ = RawClient.connect(tls_port, "xr-00002", ctx=site.device_ssl_context("xr-00002"))
+        assert dev.publish_qos1(site.device_topic("xr-00002", "result"), b"r").reason_code == mqtt5.PubAckReasonCode.SUCCESS
+        dev.close()
+        assert [p.topic for p in gw.drain()] == [site.device_topic("xr-00002", "result")]
+        gw.close()
+
+        # `edgeward devices revoke xr-00002`: the CRL is rewritten and the broker re-reads it on SIGHUP
+        # (no restart: the gateway's session and queued messages are untouched).
+        site.ca().revoke("xr-00002")
+        assert broker.proc is not None
+        _os.kill(broker.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                c, _ = RawClient.connect(tls_port, "xr-00002", ctx=site.device_ssl_context("xr-00002"))
+            except Refused:
+                break
+            c.close()
+            assert time.monotonic() < deadline, "revoked certificate still accepted 5 s after SIGHUP"
+            time.sleep(0.05)
+        ok, _ = RawClient.connect(tls_port, "xr-00001", ctx=site.device_ssl_context("xr-00001"))
+        ok.close()
+        assert _os.stat(root / "broker" / "passwords").st_mode & 0o077 == 0
+    finally:
+        broker.stop()
+
+
+def _connect_with_password(port: int, user: str, password: bytes) -> RawClient:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=3.0)
+    c = RawClient(raw)
+    c.send(mqtt5.ConnectPacket("gw-observer", clean_start=True, username=user, password=password))
+    ack = c.recv()
+    assert isinstance(ack, mqtt5.ConnAckPacket) and ack.reason_code == mqtt5.ConnAckReasonCode.SUCCESS, ack
+    return c
