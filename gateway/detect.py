@@ -1,0 +1,354 @@
+"""Detectors for hostile firmware: pure checks the guards and the pipeline call on decoded values.
+
+Each detector answers with a stable reason code (``detect.*``) or ``None``; none of them raises for
+anything a device can send, does I/O, reads a clock, or keeps more than a few numbers per device.
+The codes name the technique, never the value: they go to the audit log as they are.
+
+    free_text_suspicious(spec, value)   detect.charset | detect.hex | detect.base64 | detect.high_entropy
+    scan_text_fields(schema, fields)    every (field, code) of a checked payload's strings
+    strip_image_trailer(data)           (bytes up to the JPEG's true end-of-image, bytes cut)
+    jpeg_end(data)                      where the image really ends, or None (detect.image_malformed)
+    strip_image_trailers(schema, fields) (fields with every image cut, ((field, bytes cut), ...))
+    prohibited_field(name)              detect.prohibited_class for special-category attribute names
+    excess_precision(value, precision)  detect.low_bits for digits below the sensor's precision
+    device_id_suspicious(id, prefix)    detect.topic_encoding for data in the device-id topic level
+    RateBaseline.observe(...)           detect.burst | detect.volume against the type's normal traffic
+
+Thresholds were chosen against the simulator's honest traffic (zero false positives over thousands of
+payloads of every family, see ``tests/unit/test_detect.py``) and its hostile profiles
+(``device_sim.hostile``); the figures are in ``docs/hostile-firmware.md``. A uniformly random id that
+fits its catalogue pattern (a ``PAX`` reference, a bag tag) cannot be told from a secret by any
+detector: there the pattern's capacity is the bound, and the catalogue keeps it small.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter, OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.catalog import DEVICE_TYPES, FieldSpec, StreamSchema
+
+__all__ = [
+    "FREE_TEXT_MIN_TOKEN",
+    "PROHIBITED_TERMS",
+    "SUBFIELD_PRECISION",
+    "free_text_suspicious",
+    "scan_text_fields",
+    "jpeg_end",
+    "strip_image_trailer",
+    "strip_image_trailers",
+    "prohibited_field",
+    "excess_precision",
+    "device_id_suspicious",
+    "RateBaseline",
+]
+
+# ------------------------------------------------------------------------------------------ free text
+
+FREE_TEXT_MIN_TOKEN = 16  # shorter tokens carry too little to be worth a false positive
+_HEX_RUN = re.compile(r"(?<![0-9A-Za-z])[0-9A-Fa-f]{16,}(?![0-9A-Za-z])")
+_B64_RUN = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
+_TOKEN_SPLIT = re.compile(r"\s+")
+# Punctuation that identifiers and words rarely use; separators ('_', '-', '.', MRZ filler '<') are
+# not counted, as ids and versions are full of them.
+_SEPARATORS = frozenset("_-.<")
+_SYMBOLS = frozenset("!\"#$%&'()*+,/:;=>?@[\\]^`{|}~")
+
+
+def _classes(c: str) -> int:
+    if c.isupper():
+        return 0
+    if c.islower():
+        return 1
+    if c.isdigit():
+        return 2
+    return 3
+
+
+def _transitions(s: str) -> int:
+    return sum(1 for a, b in zip(s, s[1:], strict=False) if _classes(a) != _classes(b))
+
+
+def _entropy(s: str) -> float:
+    n = len(s)
+    return -sum(k / n * math.log2(k / n) for k in Counter(s).values())
+
+
+def free_text_suspicious(field_spec: FieldSpec, value: str) -> str | None:
+    """Why ``value`` of ``field_spec`` looks like encoded data, or None.
+
+    Checked in order: characters outside printable ASCII (``detect.charset``: zero-width and
+    look-alike characters carry bits), a delimited run of 16+ hex digits with letters and digits
+    (``detect.hex``), a run of 16+ base64 characters with both cases and the class changes of random
+    text (``detect.base64``), and a token of 16+ characters whose empirical entropy or symbol count no
+    identifier or word has (``detect.high_entropy``). Call it for str fields, list items (with the
+    list's spec) and record subfields (with the records' spec).
+    """
+    if not value:
+        return None
+    if not value.isascii() or not value.isprintable():
+        return "detect.charset"
+    if len(value) < FREE_TEXT_MIN_TOKEN:
+        return None
+    for m in _HEX_RUN.finditer(value):
+        run = m.group()
+        if any(c.isdigit() for c in run) and any(c.isalpha() for c in run):
+            return "detect.hex"
+    for m in _B64_RUN.finditer(value):
+        run = m.group().rstrip("=")
+        if (len(run) >= FREE_TEXT_MIN_TOKEN and any(c.isupper() for c in run) and any(c.islower() for c in run)
+                and _transitions(run) * 3 >= len(run)):
+            return "detect.base64"
+    for token in _TOKEN_SPLIT.split(value):
+        if len(token) < FREE_TEXT_MIN_TOKEN:
+            continue
+        symbols = sum(1 for c in token if c in _SYMBOLS)
+        classes = len({_classes(c) for c in token if c not in _SEPARATORS})
+        # Random text over a large alphabet mixes upper, lower, digits and symbols with nearly
+        # all-distinct characters (entropy close to log2(len)); words and identifiers use one or two
+        # classes (``liquid_container``, ``AB1234567``) and few symbols.
+        if (classes >= 3 and _entropy(token) >= math.log2(len(token)) - 0.8) or symbols >= 3:
+            return "detect.high_entropy"
+    return None
+
+
+def scan_text_fields(schema: StreamSchema, fields: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """Every ``(field, code)`` where a string of a checked payload looks like encoded data.
+
+    Strings, items of string lists and string subfields of records (named ``manifest.description``)."""
+    hits: list[tuple[str, str]] = []
+    for name, value in fields.items():
+        spec = schema.by_name.get(name)
+        if spec is None:
+            continue
+        if spec.kind == "str" and isinstance(value, str):
+            code = free_text_suspicious(spec, value)
+            if code:
+                hits.append((name, code))
+        elif spec.kind == "list" and spec.item == "str" and isinstance(value, list):
+            for item in value:
+                code = free_text_suspicious(spec, item) if isinstance(item, str) else None
+                if code:
+                    hits.append((name, code))
+                    break
+        elif spec.kind == "records" and isinstance(value, list):
+            subs = [k for k, kind in spec.subfields if kind == "str"]
+            for sub in subs:
+                for rec in value:
+                    v = rec.get(sub) if isinstance(rec, dict) else None
+                    code = free_text_suspicious(spec, v) if isinstance(v, str) else None
+                    if code:
+                        hits.append((f"{name}.{sub}", code))
+                        break
+    return tuple(hits)
+
+
+# ------------------------------------------------------------------------------------------ images
+
+_RST = range(0xD0, 0xD8)
+
+
+def jpeg_end(data: bytes) -> int | None:
+    """The offset just past the JPEG's true end-of-image marker, or None if ``data`` is not a JPEG
+    whose segments parse up to an EOI.
+
+    Walks the marker segments from SOI; inside entropy-coded data after SOS, ``FF 00`` (stuffing),
+    ``FF D0..D7`` (restart) and fill ``FF`` bytes are data, any other marker ends the scan. So a
+    trailer that carries its own ``FF D9`` is still cut at the first, real one."""
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    i = 2
+    while i + 1 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker == 0xD9:
+            return i + 2
+        if marker in _RST or marker == 0x01:  # standalone markers
+            i += 2
+            continue
+        if i + 4 > n:
+            return None
+        seg_end = i + 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        if seg_end > n or seg_end < i + 4:
+            return None
+        if marker != 0xDA:
+            i = seg_end
+            continue
+        j = seg_end  # entropy-coded data of this scan
+        while True:
+            j = data.find(b"\xff", j)
+            if j < 0 or j + 1 >= n:
+                return None
+            nxt = data[j + 1]
+            if nxt == 0x00 or nxt in _RST:
+                j += 2
+            elif nxt == 0xFF:
+                j += 1
+            else:
+                break
+        i = j
+    return None
+
+
+def strip_image_trailer(data: bytes) -> tuple[bytes, int]:
+    """``data`` cut at the JPEG's true end (``jpeg_end``) and the number of bytes cut.
+
+    Data that is not a parseable JPEG comes back whole with 0 cut: the caller should treat
+    ``jpeg_end(data) is None`` as ``detect.image_malformed`` (reject), never forward it as an image."""
+    end = jpeg_end(data)
+    if end is None or end == len(data):
+        return data, 0
+    return data[:end], len(data) - end
+
+
+def strip_image_trailers(
+    schema: StreamSchema, fields: Mapping[str, Any]
+) -> tuple[dict[str, Any], tuple[tuple[str, int], ...]]:
+    """``fields`` with every image-class bytes field cut at its end-of-image, and what was cut."""
+    out = dict(fields)
+    cut: list[tuple[str, int]] = []
+    for name, value in fields.items():
+        spec = schema.by_name.get(name)
+        if spec is None or spec.kind != "bytes" or spec.cls not in ("image", "biometric") or not isinstance(value, bytes):
+            continue
+        if not value.startswith(b"\xff\xd8"):
+            continue  # not a JPEG (a face template): nothing to cut
+        clean, n = strip_image_trailer(value)
+        if n:
+            out[name] = clean
+            cut.append((name, n))
+    return out, tuple(cut)
+
+
+# ------------------------------------------------------------------------------------------ prohibited
+
+# Name parts of special-category data (GDPR art. 9) and of flags derived from it. A field whose name
+# contains one is ``prohibited`` whatever the catalogue or a rule says.
+PROHIBITED_TERMS: tuple[str, ...] = (
+    "ethnic", "race", "racial", "religio", "faith", "belief", "creed", "caste",
+    "fasting", "ramadan", "halal", "kosher", "dietary", "meal_pref", "prayer", "worship", "church",
+    "mosque", "synagogue", "temple",
+    "sexual", "orientation", "sex_life", "gender_identity", "transgender",
+    "political", "party_member", "trade_union", "union_member",
+    "disability", "pregnan", "hiv", "diagnosis", "genetic", "dna",
+)
+_PROHIBITED = re.compile("|".join(re.escape(t) for t in PROHIBITED_TERMS))
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
+def prohibited_field(name: str) -> str | None:
+    """``detect.prohibited_class`` when a field name names special-category data, else None."""
+    norm = _CAMEL.sub("_", name).lower().replace("-", "_").replace(" ", "_")
+    return "detect.prohibited_class" if _PROHIBITED.search(norm) else None
+
+
+# ------------------------------------------------------------------------------------------ numbers
+
+# Floats inside records have no precision in the catalogue; these are the sensors' real resolutions.
+SUBFIELD_PRECISION: dict[tuple[str, str], float] = {("manifest", "weight_kg"): 0.1}
+
+
+def excess_precision(value: float, precision: float) -> str | None:
+    """``detect.low_bits`` when ``value`` has digits below ``precision`` (a covert channel that
+    quantising removes; detecting it says the firmware tried)."""
+    if precision <= 0 or not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        return None
+    residual = abs(value - round(value / precision) * precision)
+    return "detect.low_bits" if residual > precision * 1e-4 else None
+
+
+# ------------------------------------------------------------------------------------------ topics
+
+
+def device_id_suspicious(device_id: str, id_prefix: str) -> str | None:
+    """``detect.topic_encoding`` when the device-id level of a topic is not ``<prefix>-<digits>``.
+
+    Registry globs (``xr-*``) accept ``xr-00001-9f3a...``; ids are lower-case prefixes and 1-8 digits,
+    so suffixes, case changes and extra characters are data, not identity."""
+    head, sep, num = device_id.partition("-")
+    if not sep or head != id_prefix or not (1 <= len(num) <= 8) or not num.isdigit() or not num.isascii():
+        return "detect.topic_encoding"
+    return None
+
+
+# ------------------------------------------------------------------------------------------ rate
+
+
+@dataclass(slots=True)
+class _Bucket:
+    msgs: float
+    bytes: float
+    t: float
+
+
+class RateBaseline:
+    """Per-device message and byte budgets from the catalogue's normal traffic (token buckets).
+
+    A device of type T may send ``headroom`` times its normal rate (``1 / result_interval_s`` results
+    plus ``1 / health_interval_s`` health reports) with a burst of ``burst_s`` seconds of that rate
+    (at least ``min_burst`` messages: a mobile unit's store-and-forward backlog is honest), and
+    ``headroom`` times ``max_payload`` bytes per normal result interval. A message beyond the budget
+    is reported (``detect.burst`` for the count, ``detect.volume`` for bytes) and not charged, so
+    a device that slows down recovers. Memory: three numbers per device, at most ``max_devices``
+    devices (least recently seen evicted). Time comes in as ``now`` (seconds, any monotonic origin).
+    """
+
+    __slots__ = ("headroom", "health_interval_s", "burst_s", "min_burst", "max_devices", "_buckets", "_limits")
+
+    def __init__(self, *, headroom: float = 4.0, health_interval_s: float = 5.0, burst_s: float = 300.0,
+                 min_burst: int = 60, max_devices: int = 100_000) -> None:
+        self.headroom = headroom
+        self.health_interval_s = health_interval_s
+        self.burst_s = burst_s
+        self.min_burst = min_burst
+        self.max_devices = max_devices
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._limits: dict[str, tuple[float, float, float, float]] = {}
+
+    def limits(self, device_type: str) -> tuple[float, float, float, float]:
+        """(messages/s, message burst, bytes/s, byte burst) for a device type."""
+        lim = self._limits.get(device_type)
+        if lim is None:
+            t = DEVICE_TYPES[device_type]
+            rate = self.headroom * (1.0 / t.result_interval_s + 1.0 / self.health_interval_s)
+            burst = max(float(self.min_burst), rate * self.burst_s)
+            byte_rate = self.headroom * t.max_payload / t.result_interval_s
+            byte_burst = max(byte_rate * self.burst_s, 4.0 * t.max_payload)
+            lim = self._limits[device_type] = (rate, burst, byte_rate, byte_burst)
+        return lim
+
+    def observe(self, device: str, size: int, now: float, *, device_type: str) -> str | None:
+        """Charge one message of ``size`` bytes; a code if it is beyond the type's budget."""
+        if device_type not in DEVICE_TYPES:
+            return None
+        rate, burst, byte_rate, byte_burst = self.limits(device_type)
+        b = self._buckets.get(device)
+        if b is None:
+            b = self._buckets[device] = _Bucket(burst, byte_burst, now)
+            if len(self._buckets) > self.max_devices:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(device)
+            dt = max(0.0, now - b.t)
+            b.msgs = min(burst, b.msgs + dt * rate)
+            b.bytes = min(byte_burst, b.bytes + dt * byte_rate)
+            b.t = now
+        if b.msgs < 1.0:
+            return "detect.burst"
+        if b.bytes < size:
+            return "detect.volume"
+        b.msgs -= 1.0
+        b.bytes -= size
+        return None
+
+    def __len__(self) -> int:
+        return len(self._buckets)
