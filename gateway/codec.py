@@ -17,7 +17,7 @@ import msgpack
 
 from gateway.errors import DecodeError
 
-__all__ = ["Limits", "DEFAULT_LIMITS", "decode", "encode"]
+__all__ = ["Limits", "DEFAULT_LIMITS", "decode", "encode", "encode_fields"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +110,15 @@ def _check_values(value: object, depth_left: int) -> None:
 def encode(value: dict[str, Any]) -> bytes:
     """Canonical MessagePack: keys sorted (recursively), bin for bytes, no extension types."""
     return msgpack.packb(_canonical(value), use_bin_type=True)
+
+
+_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+def encode_fields(fields: dict[str, Any]) -> bytes:
+    """Canonical encoding of a map whose values are already canonical (the guards' output: scalars,
+    lists of scalars, records with their keys in sorted order): only the top level is sorted."""
+    return _packb({k: fields[k] for k in sorted(fields)})
 
 
 def _canonical(v: Any) -> Any:

@@ -123,6 +123,7 @@ def _field_checker(spec: FieldSpec) -> Callable[[Any], Any]:
     if spec.kind == "records":
         subs = {k: _scalar_checker(f"{name}.{k}", kind, None) for k, kind in spec.subfields}
         keys = frozenset(subs)
+        ordered = sorted(subs)  # records come out with sorted keys: canonical without a second pass
         limit = spec.max_len
 
         def check_records(v: Any) -> Any:
@@ -134,7 +135,7 @@ def _field_checker(spec: FieldSpec) -> Callable[[Any], Any]:
             for r in v:
                 if type(r) is not dict or r.keys() != keys:
                     raise _bad(name, "record keys differ from the schema")
-                out.append({k: subs[k](x) for k, x in r.items()})
+                out.append({k: subs[k](r[k]) for k in ordered})
             return out
 
         return check_records

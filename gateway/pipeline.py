@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway.catalog import DEVICE_TYPES, schema_for
-from gateway.codec import DEFAULT_LIMITS, Limits, decode, encode
+from gateway.codec import DEFAULT_LIMITS, Limits, decode, encode_fields
 from gateway.crypto.envelope import Header, seal
 from gateway.crypto.keys import DataKeyring
 from gateway.dedupe import DedupeWindow
@@ -98,6 +98,22 @@ class Pipeline:
         self.limits = limits
         self.dedupe = dedupe if dedupe is not None else DedupeWindow()
         self.clock_ms = clock_ms
+        self._device_cache: dict[str, Any] = {}
+        self._cache_for: PolicyLike | None = None
+
+    def _device(self, policy: PolicyLike, device: str) -> Any:
+        """Registry lookup, memoised per policy object (patterns are matched once per device)."""
+        if self._cache_for is not policy:
+            self._device_cache = {}
+            self._cache_for = policy
+        cache = self._device_cache
+        try:
+            return cache[device]
+        except KeyError:
+            entry = policy.device(device)
+            if entry is not None and len(cache) < 1_000_000:  # unknown ids are not cached: no growth
+                cache[device] = entry
+            return entry
 
     def process(self, topic: str, payload: bytes, *, retain: bool = False) -> Outcome:
         policy = self.policy  # one revision for the whole message, whatever a reload does meanwhile
@@ -108,7 +124,7 @@ class Pipeline:
             device, stream = parse_topic(topic, policy.site)
             if retain:
                 raise RejectedMessage("guard.retained", "devices may not publish retained messages")
-            entry = policy.device(device)
+            entry = self._device(policy, device)
             if entry is None:
                 raise RejectedMessage("guard.unknown_device", "device is not in the registry")
             dtype = DEVICE_TYPES.get(entry.device_type)
@@ -155,7 +171,7 @@ class Pipeline:
                     projected[name] = _quantise(projected[name], step)
             dest = destinations[route.destination]
             header = Header(device, stream, seq, ts, route.destination, decision.revision)
-            envelope = seal(self.keyring, header, encode(projected))
+            envelope = seal(self.keyring, header, encode_fields(projected))
             topic_out = f"{dest.topic}/{device}/{stream}" if dest.transport == "mqtt" else ""
             out.deliveries.append(Delivery(route.destination, dest.transport, topic_out, envelope))
         out.record = _record(out, topic, digest, len(payload), decision.revision)

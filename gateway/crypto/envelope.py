@@ -35,14 +35,15 @@ class Header:
     revision: str
 
     def pack(self) -> bytes:
-        return msgpack.packb(
-            [self.device, self.stream, self.seq, self.ts, self.destination, self.revision], use_bin_type=True
-        )
+        return _packb([self.device, self.stream, self.seq, self.ts, self.destination, self.revision])
 
     @classmethod
     def unpack(cls, data: bytes) -> Header:
         d, s, q, t, dst, rev = msgpack.unpackb(data, raw=False)
         return cls(d, s, q, t, dst, rev)
+
+
+_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 
 def seal(keyring: DataKeyring, header: Header, plaintext: bytes) -> bytes:
@@ -51,7 +52,7 @@ def seal(keyring: DataKeyring, header: Header, plaintext: bytes) -> bytes:
     nonce = os.urandom(12)
     h = header.pack()
     ct = key.aead.encrypt(nonce, plaintext, h)
-    return msgpack.packb({"c": ct, "h": h, "kid": key.kid, "n": nonce, "v": ENVELOPE_VERSION}, use_bin_type=True)
+    return _packb({"c": ct, "h": h, "kid": key.kid, "n": nonce, "v": ENVELOPE_VERSION})
 
 
 def open_envelope(keyring: DataKeyring, data: bytes) -> tuple[Header, bytes]:
