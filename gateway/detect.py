@@ -295,20 +295,25 @@ class RateBaseline:
 
     A device of type T may send ``headroom`` times its normal rate (``1 / result_interval_s`` results
     plus ``1 / health_interval_s`` health reports) with a burst of ``burst_s`` seconds of that rate
-    (at least ``min_burst`` messages: a mobile unit's store-and-forward backlog is honest), and
+    (at least ``min_burst`` messages; ``burst_s_by_type`` gives store-and-forward units an hour, as
+    a mobile unit's backlog after an outage is honest), and
     ``headroom`` times ``max_payload`` bytes per normal result interval. A message beyond the budget
     is reported (``detect.burst`` for the count, ``detect.volume`` for bytes) and not charged, so
     a device that slows down recovers. Memory: three numbers per device, at most ``max_devices``
     devices (least recently seen evicted). Time comes in as ``now`` (seconds, any monotonic origin).
     """
 
-    __slots__ = ("headroom", "health_interval_s", "burst_s", "min_burst", "max_devices", "_buckets", "_limits")
+    __slots__ = ("headroom", "health_interval_s", "burst_s", "burst_s_by_type", "min_burst", "max_devices",
+                 "_buckets", "_limits")
 
-    def __init__(self, *, headroom: float = 4.0, health_interval_s: float = 5.0, burst_s: float = 300.0,
-                 min_burst: int = 60, max_devices: int = 100_000) -> None:
+    def __init__(self, *, headroom: float = 2.5, health_interval_s: float = 5.0, burst_s: float = 120.0,
+                 burst_s_by_type: Mapping[str, float] | None = None, min_burst: int = 60,
+                 max_devices: int = 100_000) -> None:
         self.headroom = headroom
         self.health_interval_s = health_interval_s
         self.burst_s = burst_s
+        # Store-and-forward units send an outage's backlog at once: their burst covers an hour offline.
+        self.burst_s_by_type = dict(burst_s_by_type) if burst_s_by_type is not None else {"mobile_border": 3600.0}
         self.min_burst = min_burst
         self.max_devices = max_devices
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
@@ -319,10 +324,11 @@ class RateBaseline:
         lim = self._limits.get(device_type)
         if lim is None:
             t = DEVICE_TYPES[device_type]
+            burst_s = self.burst_s_by_type.get(device_type, self.burst_s)
             rate = self.headroom * (1.0 / t.result_interval_s + 1.0 / self.health_interval_s)
-            burst = max(float(self.min_burst), rate * self.burst_s)
+            burst = max(float(self.min_burst), rate * burst_s)
             byte_rate = self.headroom * t.max_payload / t.result_interval_s
-            byte_burst = max(byte_rate * self.burst_s, 4.0 * t.max_payload)
+            byte_burst = max(byte_rate * burst_s, 4.0 * t.max_payload)
             lim = self._limits[device_type] = (rate, burst, byte_rate, byte_burst)
         return lim
 
