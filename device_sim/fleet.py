@@ -304,11 +304,11 @@ class Fleet:
             hashlib.sha256(data).hexdigest(), time.time(), error, profile, tags, technique, secret,
         ))
 
-    def _act(self, d: _Device, kind: str, *, technique: str = "", seq: int = 0, topic: str = "",
+    def _act(self, d: _Device, action: str, *, technique: str = "", seq: int = 0, topic: str = "",
              secret: bytes | None = None, outcome: str = "", detail: str = "") -> None:
         technique = technique or getattr(d.profile, "technique", d.profile.name)
         self._truth.actions.append(HostileAction(
-            d.spec.device_id, d.profile.name, technique, kind, seq, topic, secret, outcome, time.time(), detail,
+            d.spec.device_id, d.profile.name, technique, action, seq, topic, secret, outcome, time.time(), detail,
         ))
 
     def _act_publish(self, d: _Device, out: Outgoing, outcome: str) -> None:
@@ -427,7 +427,7 @@ class Fleet:
                 t=time.time(), detail="messages delivered to the probing subscriptions during the run"))
         self._probe_tasks.clear()
         drops = [a for a in self._truth.actions
-                 if a.technique == "dead_drop" and a.kind in ("publish", "will") and a.secret is not None
+                 if a.technique == "dead_drop" and a.action in ("publish", "will") and a.secret is not None
                  and "retain" in a.detail]
         if not drops:
             return

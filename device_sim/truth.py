@@ -76,7 +76,7 @@ class Outage:
 class HostileAction:
     """One thing a hostile firmware tried, with what came of it.
 
-    ``kind`` is what it was on the wire: ``publish`` (one per hostile message, sent or not),
+    ``action`` is what it was on the wire: ``publish`` (one per hostile message, sent or not),
     ``connect`` (a client id or username chosen to carry data, or another device's id), ``subscribe``
     (one per filter), ``will`` (a will message registered at connect), ``timing`` (one bit put in the
     delay before a message), ``retrieve`` (a second client trying to read a dead drop). ``secret`` is
@@ -88,7 +88,7 @@ class HostileAction:
     device_id: str
     profile: str
     technique: str
-    kind: str
+    action: str
     seq: int = 0
     topic: str = ""
     secret: bytes | None = None
