@@ -172,7 +172,7 @@ def test_the_shipped_policy_itself_loads(tmp_path: Path) -> None:
     assert isinstance(outcome(SHIPPED), Policy)
 
 
-@pytest.mark.parametrize("size", [10, 1000, 50_000])
+@pytest.mark.parametrize("size", [10, 1000, 10_000])
 def test_big_flat_lists_compile_in_bounded_time(size: int) -> None:
     """A registry of ``size`` devices: linear work, no surprise (the operator's own file)."""
     import time
