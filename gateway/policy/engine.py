@@ -82,7 +82,8 @@ def _levels_match(f: tuple[str, ...], t: list[str]) -> bool:
 
 
 class _Selector:
-    """Exact ids in a dict, globs in an ordered list: the first entry (by policy order) matching an id."""
+    """Exact ids in a dict, globs in an ordered list. An exact entry wins over any pattern; among
+    patterns (and among duplicate exact entries) the first in policy order wins."""
 
     __slots__ = ("exact", "globs")
 
@@ -98,12 +99,12 @@ class _Selector:
 
     def first(self, device_id: str) -> Any:
         hit = self.exact.get(device_id)
-        for order, pattern, item in self.globs:
-            if hit is not None and order > hit[0]:
-                break
+        if hit is not None:
+            return hit[1]
+        for _, pattern, item in self.globs:
             if fnmatchcase(device_id, pattern):
                 return item
-        return None if hit is None else hit[1]
+        return None
 
 
 class _Grant:

@@ -95,8 +95,11 @@ def lint(spec: PolicySpec, v: _V) -> None:
         if r.effect != "permit":
             continue
         rp = path_of.get(r.rule_id, ("rules",))
-        targets = [dests[n] for n in sorted(r.destinations)] if r.destinations is not None else list(dests.values())
-        targets = [d for d in targets if d.name in dests]
+        if r.classes is not None and "prohibited" in r.classes:
+                v.warn(rp, "lint.prohibited_permit", "'prohibited' is never allowed anywhere, whatever a rule says",
+                           "remove it from the rule")
+        targets = ([dests[n] for n in sorted(r.destinations) if n in dests] if r.destinations is not None
+                   else list(dests.values()))
         reachable = []
         for d in targets:
             if d.jurisdiction not in spec.allowed_jurisdictions:
@@ -122,9 +125,6 @@ def lint(spec: PolicySpec, v: _V) -> None:
                 v.warn(rp, "lint.shadowed_rule", f"rule {r.rule_id!r} is overridden by forbid {f.rule_id!r}",
                        "a matching forbid always wins; remove one of the two")
                 break
-        if r.classes is not None and "prohibited" in r.classes:
-            v.warn(rp, "lint.prohibited_permit", "'prohibited' is never allowed anywhere, whatever a rule says",
-                   "remove it from the rule")
 
 
 def _glob(pattern: str, name: str) -> bool:

@@ -16,9 +16,11 @@ route:   jurisdiction, maintenance contract, whole-route forbid, drop obligation
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
+from typing import Any
 
 from gateway.model import Decision, MessageFacts, Route
 from gateway.policy.spec import DestinationSpec, PolicySpec, When
+from gateway.policy.validate import is_glob
 
 __all__ = ["reference_decide", "topic_matches", "device_matches", "sort_rules"]
 
@@ -75,6 +77,14 @@ def _when(w: When, facts: MessageFacts, spec: PolicySpec, rule_id: str, errors: 
     return True
 
 
+def _lookup(entries: Any, device_id: str) -> Any:
+    """An entry naming the id exactly wins over patterns; otherwise the first pattern that matches."""
+    exact = next((e for e in entries if e.pattern == device_id and not is_glob(e.pattern)), None)
+    if exact is not None:
+        return exact
+    return next((e for e in entries if device_matches(e.pattern, device_id)), None)
+
+
 def _all_errors(spec: PolicySpec, facts: MessageFacts) -> tuple[str, ...]:
     errors: set[str] = set()
     for r in spec.rules:
@@ -98,10 +108,10 @@ def reference_decide(spec: PolicySpec, revision: str, facts: MessageFacts,
     if facts.site != spec.site:
         return deny_all("policy.site", "builtin.site", f"site {facts.site!r} is not {spec.site!r}")
     note(f"site {facts.site!r} ok")
-    for e in spec.denylist:
-        if device_matches(e.pattern, facts.device_id):
-            return deny_all("policy.denylisted", e.rule_id, f"device matches denylist entry {e.pattern!r}")
-    entry = next((d for d in spec.devices if device_matches(d.pattern, facts.device_id)), None)
+    deny = _lookup(spec.denylist, facts.device_id)
+    if deny is not None:
+        return deny_all("policy.denylisted", deny.rule_id, f"device matches denylist entry {deny.pattern!r}")
+    entry = _lookup(spec.devices, facts.device_id)
     if spec.require_registered and entry is None:
         return deny_all("policy.unknown_device", "builtin.registry", f"device {facts.device_id!r} is not registered")
     note(f"registry: {entry.rule_id if entry else 'unregistered'}")

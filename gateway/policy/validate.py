@@ -188,7 +188,7 @@ class _V:
         if v in choices:
             return str(v)
         self.report(path, "schema.enum", f"{what} must be one of {', '.join(choices)}; got {v!r}",
-                    _suggest(str(v), choices))
+                    _suggest(str(v), choices) or f"write one of: {', '.join(choices)}")
         return default
 
     def strings(self, path: Path, v: Any, what: str, *, star: bool = False) -> tuple[str, ...] | None:
