@@ -1,0 +1,394 @@
+"""The processes of benchmarks/e2e.py other than the harness: each runs alone so its CPU is its own.
+
+    python benchmarks/_e2e_roles.py gateway --port P --state DIR [--expect N --qos Q] [--uvloop]
+    python benchmarks/_e2e_roles.py acksub  --port P --client-id ID [--expect N | --record FILE]
+    python benchmarks/_e2e_roles.py pub     --port P --messages FILE --rate R --out FILE [--conns K --qos Q]
+
+Every role prints JSON lines on stdout ({"event": ...}); the harness reads them. SIGTERM ends a role
+that runs until told (the gateway, a recording subscriber). Benchmark code: compact, not product code.
+Also imported by the harness for the bulk publisher (``publish``) and the message builder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pickle
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+import mqtt5
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+INGEST_FILTER = "site/AMS-T1/dev/#"
+EXPIRY = 3600
+
+
+def emit(**kw: object) -> None:
+    print(json.dumps(kw), flush=True)
+
+
+def rss_kb() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM"):
+            out[k] = int(v.split()[0])
+    return out
+
+
+def cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _runner(uv: bool) -> asyncio.Runner:
+    if uv:
+        import uvloop
+
+        return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    return asyncio.Runner()
+
+
+# ------------------------------------------------------------------------------------------ gateway
+def role_gateway(a: argparse.Namespace) -> None:
+    """The real gateway, as ``edgeward run`` builds it; reports when ``expect`` messages are done."""
+    from gateway.policy import load_policy
+    from gateway.runtime.service import Gateway, GatewayConfig
+
+    policy = load_policy(REPO / "policies")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        gw = Gateway(GatewayConfig(state_dir=Path(a.state), port=a.port), policy)
+        t0, c0 = time.perf_counter(), cpu_s()
+        async with gw:
+            emit(event="ready", pid=os.getpid())
+            serve = asyncio.create_task(gw.serve(stop), name="bench-serve")
+            if a.expect:
+                s = gw.stats
+                while not stop.is_set():
+                    if s.received >= a.expect and (a.qos == 0 or s.acked >= a.expect) and not gw.uplink.pending_out:
+                        t1, c1 = time.perf_counter(), cpu_s()
+                        emit(event="done", t=time.monotonic(), seconds=t1 - t0, cpu=c1 - c0, received=s.received,
+                             **rss_kb())
+                        break
+                    await asyncio.sleep(0.005)
+                    if time.perf_counter() - t0 > a.stall_report:
+                        a.stall_report += 5
+                        print(f"gateway stalled? received {s.received} acked {s.acked} pending_out "
+                              f"{gw.uplink.pending_out} rejected {dict(s.rejected)}", file=sys.stderr, flush=True)
+            await stop.wait()
+            await gw.drain(5)
+            stop.set()
+            await serve
+        lat = sorted(gw.stats.latency_s)
+        pct = {f"p{p}": lat[min(len(lat) - 1, int(p / 100 * len(lat)))] * 1e3 for p in (50, 99)} if lat else {}
+        emit(event="final", stats=gw.stats.to_json(), cpu_total=cpu_s() - c0, latency_ms=pct,
+             latency_n=len(lat), **rss_kb())
+
+    with _runner(a.uvloop) as r:
+        r.run(main())
+
+
+# ------------------------------------------------------------------------------------------ ack-only subscriber
+def _seq_of(payload: bytes) -> int:
+    # device_sim encodes {"seq": ..., ...} first: map header, fixstr "seq", then the uint
+    if payload[1:5] == b"\xa3seq":
+        b = payload[5]
+        if b < 0x80:
+            return b
+        return int.from_bytes(payload[6:6 + (1, 2, 4, 8)[b - 0xCC]], "big")
+    import msgpack
+
+    return int(msgpack.unpackb(payload)["seq"])
+
+
+def role_acksub(a: argparse.Namespace) -> None:
+    """The fastest Python receive path: asyncio Protocol + mqtt5 reader that only PUBACKs.
+
+    ``--expect N``: drain a pre-loaded session, stop after N messages + a PINGREQ barrier (the broker has
+    then processed every PUBACK). ``--record FILE``: subscribe, note each message's receipt time, and
+    write [[device, seq, t_monotonic], ...] on SIGTERM."""
+    from mqtt5 import ConnAckPacket, PingReqPacket, PingRespPacket, PubAckPacket, PublishPacket, read
+
+    record = a.record is not None
+    times: list[tuple[str, int, float]] = []
+    seen: set[tuple[str, int]] = set()
+
+    class Sub(asyncio.Protocol):
+        def __init__(self, fut: asyncio.Future[None], connack: asyncio.Future[None]) -> None:
+            self.fut, self.connack, self.buf = fut, connack, bytearray()
+            self.received = self.dups = 0
+            self.pinged = False
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.t = transport
+            transport.write(mqtt5.ConnectPacket(a.client_id, clean_start=record, keep_alive=60,  # type: ignore[attr-defined]
+                                                session_expiry_interval=EXPIRY).write())
+
+        def data_received(self, data: bytes) -> None:
+            now = time.monotonic()
+            buf, out, off = self.buf, [], 0
+            buf += data
+            end = len(buf)
+            with memoryview(buf) as mv:
+                while off < end:
+                    try:
+                        pkt, n = read(mv[off:])
+                    except IndexError:
+                        break
+                    off += n
+                    tp = type(pkt)
+                    if tp is PublishPacket:
+                        self.received += 1
+                        if pkt.packet_id is not None:
+                            out.append(PubAckPacket(pkt.packet_id).write())
+                        key = (pkt.topic.split("/", 4)[3], _seq_of(pkt.payload))
+                        if key in seen:
+                            self.dups += 1
+                        else:
+                            seen.add(key)
+                        if record:
+                            times.append((key[0], key[1], now))
+                    elif tp is PingRespPacket and self.pinged and not self.fut.done():
+                        self.fut.set_result(None)
+                    elif tp is ConnAckPacket:
+                        if pkt.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
+                            raise RuntimeError(f"CONNACK {pkt.reason_code!r}")
+                        if not self.connack.done():
+                            self.connack.set_result(None)
+                    elif type(pkt) is mqtt5.SubAckPacket and not self.connack.done():
+                        pass
+            del buf[:off]
+            if a.expect and len(seen) >= a.expect and not self.pinged:
+                self.pinged = True
+                out.append(PingReqPacket().write())
+            if out:
+                self.t.write(b"".join(out))  # type: ignore[attr-defined]
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if not self.fut.done():
+                self.fut.set_result(None)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        connack: asyncio.Future[None] = loop.create_future()
+        t0, c0 = time.perf_counter(), cpu_s()
+        transport, proto = await loop.create_connection(lambda: Sub(fut, connack), "127.0.0.1", a.port)
+        await connack
+        if not record:
+            emit(event="ready")
+        else:
+            transport.write(mqtt5.SubscribePacket(1, [mqtt5.TopicFilter(INGEST_FILTER, max_qos=mqtt5.QoS(1))]).write())
+            loop.add_signal_handler(signal.SIGTERM, lambda: fut.done() or fut.set_result(None))
+            await asyncio.sleep(0.2)  # SUBACK
+            emit(event="ready")
+        await fut
+        t1, c1 = time.perf_counter(), cpu_s()
+        t_end = time.monotonic()
+        transport.write(mqtt5.DisconnectPacket().write())
+        transport.close()
+        await asyncio.sleep(0.02)
+        if record:
+            Path(a.record).write_text(json.dumps(times))
+        emit(event="final", received=proto.received, unique=len(seen), dups=proto.dups, seconds=t1 - t0,
+             cpu=c1 - c0, t=t_end)
+
+    with _runner(a.uvloop) as r:
+        r.run(main())
+
+
+# ------------------------------------------------------------------------------------------ publisher
+class _PubConn(asyncio.Protocol):
+    def __init__(self, client_id: str) -> None:
+        self.client_id = client_id
+        self.buf = bytearray()
+        self.inflight = 0
+        self.max_inflight = 0
+        loop = asyncio.get_running_loop()
+        self.connack: asyncio.Future[None] = loop.create_future()
+        self.pong: asyncio.Future[None] | None = None
+        self.room = asyncio.Event()
+        self.room.set()
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.window = 500
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t: asyncio.Transport = transport  # type: ignore[assignment]
+        self.t.write(mqtt5.ConnectPacket(self.client_id, clean_start=True, keep_alive=60).write())
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        off, end = 0, len(buf)
+        with memoryview(buf) as mv:
+            while off < end:
+                try:
+                    pkt, n = mqtt5.read(mv[off:])
+                except IndexError:
+                    break
+                off += n
+                tp = type(pkt)
+                if tp is mqtt5.PubAckPacket:
+                    self.inflight -= 1
+                    if self.inflight <= self.window // 2:
+                        self.room.set()
+                elif tp is mqtt5.PingRespPacket and self.pong is not None and not self.pong.done():
+                    self.pong.set_result(None)
+                elif tp is mqtt5.ConnAckPacket and not self.connack.done():
+                    if pkt.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
+                        self.connack.set_exception(RuntimeError(f"publisher refused: {pkt.reason_code!r}"))
+                    else:
+                        self.window = min(500, max(1, pkt.receive_max // 2))
+                        self.connack.set_result(None)
+        del buf[:off]
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    async def finish(self) -> None:
+        """Wait until the broker has processed everything sent (PUBACKs in; PINGRESP as a barrier)."""
+        self.pong = asyncio.get_running_loop().create_future()
+        self.t.write(mqtt5.PingReqPacket().write())
+        await asyncio.wait_for(self.pong, 120)
+        while self.inflight > 0:
+            self.room.clear()
+            await asyncio.wait_for(self.room.wait(), 120)
+
+    def close(self) -> None:
+        self.t.write(mqtt5.DisconnectPacket().write())
+        self.t.close()
+
+
+def encode_for_conns(msgs: list[tuple[str, bytes]], conns: int, qos: int) -> list[tuple[int, bytes]]:
+    """(connection, PUBLISH packet) per message. A device always uses the same connection (its order is
+    kept); packet ids run per connection and never collide in flight (window << 65535, in-order acks)."""
+    counters = [0] * conns
+    out = []
+    for topic, payload in msgs:
+        c = hash(topic.split("/")[3]) % conns
+        if qos:
+            counters[c] += 1
+            pkt = mqtt5.PublishPacket(topic, payload, qos=mqtt5.QoS.AT_LEAST_ONCE,
+                                      packet_id=(counters[c] - 1) % 65535 + 1).write()
+        else:
+            pkt = mqtt5.PublishPacket(topic, payload).write()
+        out.append((c, pkt))
+    return out
+
+
+async def publish(port: int, packets: list[tuple[int, bytes]], *, conns: int, qos: int, rate: float | None = None,
+                  prefix: str = "pub") -> dict[str, object]:
+    """Send pre-encoded packets over ``conns`` connections: in bulk (rate None; QoS-1 window per
+    connection) or paced at ``rate`` msg/s (each due batch in one write per connection). Returns the
+    send time (time.monotonic) of every packet, in order, and when all were processed by the broker."""
+    loop = asyncio.get_running_loop()
+    protos = []
+    for k in range(conns):
+        _, p = await loop.create_connection(lambda k=k: _PubConn(f"{prefix}-{k}"), "127.0.0.1", port)
+        protos.append(p)
+    await asyncio.gather(*(p.connack for p in protos))
+    sent = [0.0] * len(packets)
+    t_start = time.monotonic()
+    if rate is None:
+        by_conn: list[list[bytes]] = [[] for _ in range(conns)]
+        for c, pkt in packets:
+            by_conn[c].append(pkt)
+
+        async def pump(p: _PubConn, pkts: list[bytes]) -> None:
+            i = 0
+            while i < len(pkts):
+                await p.writable.wait()
+                if qos:
+                    while p.inflight >= p.window:
+                        p.room.clear()
+                        await p.room.wait()
+                    k = min(len(pkts) - i, p.window - p.inflight)
+                    p.inflight += k
+                else:
+                    k = min(len(pkts) - i, 500)
+                p.t.write(b"".join(pkts[i:i + k]))
+                i += k
+            await p.finish()
+
+        await asyncio.gather(*(pump(p, b) for p, b in zip(protos, by_conn)))
+    else:
+        t0 = time.monotonic() + 0.05
+        i, n = 0, len(packets)
+        while i < n:
+            now = time.monotonic()
+            j = min(n, max(i + 1, int((now - t0) * rate) + 1))
+            groups: dict[int, list[bytes]] = {}
+            for c, pkt in packets[i:j]:
+                groups.setdefault(c, []).append(pkt)
+            now = time.monotonic()
+            for c, g in groups.items():
+                p = protos[c]
+                if qos:
+                    p.inflight += len(g)
+                    p.max_inflight = max(p.max_inflight, p.inflight)
+                p.t.write(b"".join(g))
+            for k in range(i, j):
+                sent[k] = now
+            i = j
+            if i < n:
+                await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+        for p in protos:
+            await p.finish()
+    t_end = time.monotonic()
+    for p in protos:
+        p.close()
+    await asyncio.sleep(0.02)
+    return {"sent": sent, "seconds": t_end - t_start, "t_start": t_start, "t_end": t_end,
+            "max_inflight": max(p.max_inflight for p in protos)}
+
+
+def role_pub(a: argparse.Namespace) -> None:
+    msgs = pickle.loads(Path(a.messages).read_bytes())
+    packets = encode_for_conns(msgs, a.conns, a.qos)
+    emit(event="ready")
+    c0 = cpu_s()
+    r = asyncio.run(publish(a.port, packets, conns=a.conns, qos=a.qos, rate=a.rate or None, prefix="pacer"))
+    if a.out:
+        Path(a.out).write_text(json.dumps(r["sent"]))
+    emit(event="final", seconds=r["seconds"], t_start=r["t_start"], t_end=r["t_end"], max_inflight=r["max_inflight"],
+         cpu=cpu_s() - c0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("role", choices=["gateway", "acksub", "pub"])
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--state")
+    ap.add_argument("--expect", type=int, default=0)
+    ap.add_argument("--qos", type=int, default=1)
+    ap.add_argument("--uvloop", action="store_true")
+    ap.add_argument("--client-id", default="plain-sub")
+    ap.add_argument("--record")
+    ap.add_argument("--messages")
+    ap.add_argument("--rate", type=float, default=0.0)
+    ap.add_argument("--conns", type=int, default=8)
+    ap.add_argument("--out")
+    ap.add_argument("--stall-report", type=float, default=10.0)
+    a = ap.parse_args()
+    {"gateway": role_gateway, "acksub": role_acksub, "pub": role_pub}[a.role](a)
+
+
+if __name__ == "__main__":
+    main()

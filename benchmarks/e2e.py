@@ -1,0 +1,579 @@
+"""Edgeward end to end against the broker's own ceiling, on one machine, in one run.
+
+    python benchmarks/e2e.py [--messages N] [--mix small|images|both] [--quick] [--json]
+
+Rows (each on a fresh private Mosquitto with Edgeward's rendered config, plus ``queue_qos0_messages``):
+
+- ceiling, C client: ``mosquitto_sub`` draining the messages (PUBACK only, no work);
+- ceiling, Python: the fastest Python receive path, an asyncio Protocol + mqtt5 reader that only PUBACKs;
+- edgeward: the real gateway (``Gateway(GatewayConfig(...), load_policy('policies'))``) in its own
+  process: receive, decode, guards, policy, projection, encryption, audit, vault, forward to every
+  destination, ingest PUBACK only after every uplink PUBACK.
+
+Method for msg/s: PRE-LOAD (as benchmarks/ingest_compare.py). The consumer's persistent session is
+created, then every message is published by a bulk publisher (pre-encoded mqtt5 PUBLISH packets, written
+in bulk over several connections) and accepted by the broker; only then is the consumer started in its
+own process and timed from connect until it has everything (the gateway: every message received, every
+ingest PUBACK issued and every uplink publish PUBACKed by the broker). So the publisher is never the
+bottleneck and never shares the 2 cores with the timed consumer, and ceiling and gateway are measured the
+same way. The destinations hold persistent sessions and are offline while the gateway is timed (the
+broker queues their envelopes); afterwards ``DestinationReceiver`` drains and decrypts everything.
+
+QoS-0 rows: the same messages published at QoS 0 (the broker queues them for the offline session only
+because of ``queue_qos0_messages true``). Delivery to the consumer is then QoS 0: no ingest PUBACK, and
+the gateway does not hold anything back for its uplinks (they stay QoS 1): at-most-once into the gateway.
+
+Lost / duplicated (gateway rows): every published (device, seq) must have exactly one policy decision in
+the audit log (``iter_records``); every delivery the audit says was allowed must have arrived, once, at its
+destination (MQTT destinations: ``DestinationReceiver``; the vault: ``read_vault``); and no ingest message
+may be left un-PUBACKed in the gateway's session (reconnected afterwards: redeliveries are counted).
+
+Latency at half load: a separate publisher process paces the small mix at 50 % of the gateway's QoS-1 rate
+from this run, first to a plain ack-only subscriber, then through the gateway to online destinations.
+Gateway-added latency = (publish -> destination receipt, per MQTT delivery) minus (publish -> plain
+subscriber receipt), per percentile; the path through the gateway includes the second broker hop, which
+the design imposes. The gateway's own figure (stats.latency_s: ingest receipt -> last uplink PUBACK) is
+shown beside it.
+
+Stage profile: the same messages through a stage-timed copy of ``Pipeline.process`` in-process
+(benchmarks/_e2e_profile.py); the MQTT adapter's share = gateway CPU per message - the pipeline's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pickle
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import MiniClient, log, percentile, print_table, proc_cpu_seconds  # noqa: E402
+from _e2e_roles import EXPIRY, INGEST_FILTER  # noqa: E402
+
+from device_sim import PayloadFactory, make_fleet  # noqa: E402
+from device_sim.devices import encode as dev_encode  # noqa: E402
+from gateway.audit.chain import iter_records  # noqa: E402
+from gateway.crypto.keys import DataKeyring, load_or_create_kek  # noqa: E402
+from gateway.policy import load_policy  # noqa: E402
+from gateway.runtime.broker import BrokerConfig, MosquittoBroker, free_port  # noqa: E402
+from gateway.runtime.receiver import DestinationReceiver  # noqa: E402
+from gateway.vault import read_vault  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+ROLES = str(HERE / "_e2e_roles.py")
+REPO = HERE.parent
+GW_ID, DEST_ID, SUB_ID = "edgeward-gateway", "edgeward-destinations", "plain-sub"
+SMALL_RESULT_TYPES = ("body_scanner", "trace_detector", "face_egate")
+PUB_CONNS = 8
+
+
+# ------------------------------------------------------------------------------------------------ messages
+class MessageMaker:
+    """Realistic, guard-passing device payloads with fresh (device, seq) for every call."""
+
+    def __init__(self, devices: int = 64, seed: int = 7) -> None:
+        self.fleet = make_fleet(devices, seed=seed)
+        self.factories = {s.device_id: PayloadFactory(s, seed=seed) for s in self.fleet}
+        self.seq = Counter({s.device_id: int(time.time()) % 100_000 * 1000 for s in self.fleet})
+
+    def make(self, n: int, mix: str) -> list[tuple[str, bytes]]:
+        """small: health from every device, and results of the small result types (body scanner, trace
+        detector, face e-gate), 3 results per health for those. images: every family's results (X-ray,
+        cargo, mobile: 50-500 KB images; ID reader portraits, temperature face crops) with one health
+        message per 4."""
+        out: list[tuple[str, bytes]] = []
+        now = int(time.time() * 1000)
+        i = 0
+        while len(out) < n:
+            spec = self.fleet[i % len(self.fleet)]
+            turn = i // len(self.fleet)
+            i += 1
+            small_res = spec.device_type in SMALL_RESULT_TYPES
+            if mix == "small":
+                stream = "result" if small_res and turn % 4 else "status/health"
+            else:
+                stream = "status/health" if turn % 4 == 3 else "result"
+            self.seq[spec.device_id] += 1
+            seq = self.seq[spec.device_id]
+            f = self.factories[spec.device_id]
+            payload = f.make(stream, seq, now + len(out))
+            out.append((spec.topic(stream), dev_encode(payload)))
+        return out
+
+
+def key_of(topic: str, payload: bytes) -> tuple[str, int]:
+    return topic.split("/")[3], int(msgpack.unpackb(payload)["seq"])
+
+
+# ------------------------------------------------------------------------------------------------ processes
+class Child:
+    """A role process (benchmarks/_e2e_roles.py) whose JSON lines arrive on a queue."""
+
+    def __init__(self, *args: str, timeout: float = 120) -> None:
+        self.p = subprocess.Popen([sys.executable, ROLES, *args], stdout=subprocess.PIPE, stderr=None,
+                                  text=True, cwd=REPO)
+        self.q: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.timeout = timeout
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            try:
+                self.q.put(json.loads(line))
+            except ValueError:
+                pass
+        self.q.put(None)
+
+    def wait(self, event: str, timeout: float | None = None) -> dict[str, Any]:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while True:
+            try:
+                m = self.q.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                self.kill()
+                raise RuntimeError(f"{self.p.args[2]}: no '{event}' in time") from None
+            if m is None:
+                raise RuntimeError(f"{self.p.args[2]} exited before '{event}' (its stderr is above)")
+            if m.get("event") == event:
+                return m
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+
+    def close(self) -> None:
+        self.kill()
+        self.p.wait(10)
+
+
+def start_broker(workdir: Path) -> MosquittoBroker:
+    for _ in range(5):
+        b = MosquittoBroker(BrokerConfig(port=free_port(), workdir=workdir, extra=("queue_qos0_messages true",)))
+        try:
+            b.start()
+            return b
+        except Exception:  # noqa: BLE001 - port race: try another
+            b.stop()
+    raise RuntimeError("could not start a private mosquitto")
+
+
+def prime(port: int, client_id: str, topic: str) -> None:
+    s = MiniClient(port, client_id, clean_start=True, expiry=EXPIRY)
+    s.subscribe(topic)
+    s.close()
+
+
+# ------------------------------------------------------------------------------------------------ throughput rows
+def run_pub(port: int, mfile: Path, qos: int) -> Child:
+    c = Child("pub", "--port", str(port), "--messages", str(mfile), "--conns", str(PUB_CONNS), "--qos", str(qos))
+    c.wait("ready")
+    return c
+
+
+def run_c(port: int, n: int, workdir: Path, mfile: Path, qos: int) -> dict[str, Any]:
+    out = open(workdir / "sub.out", "wb")
+    p = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-V", "5", "-q", "1", "-c",
+                          "-x", str(EXPIRY), "-i", SUB_ID, "-t", INGEST_FILTER, "-C", str(n), "-W", "120",
+                          "-F", "%l"], stdout=out, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # connected to its (primed) session
+    pub = run_pub(port, mfile, qos)
+    c0 = proc_cpu_seconds(p.pid)
+    while True:
+        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        if pid:
+            break
+        time.sleep(0.0005)
+    t_end = time.monotonic()
+    fin = pub.wait("final")
+    pub.close()
+    out.close()
+    lines = (workdir / "sub.out").read_bytes().split()
+    return {"received": len(lines), "unique": len(lines), "dups": None, "t_start": fin["t_start"], "t_end": t_end,
+            "pub_seconds": fin["seconds"], "cpu": ru.ru_utime + ru.ru_stime - c0}
+
+
+def run_py(port: int, n: int, mfile: Path, qos: int) -> dict[str, Any]:
+    c = Child("acksub", "--port", str(port), "--client-id", SUB_ID, "--expect", str(n))
+    try:
+        c.wait("ready")
+        pub = run_pub(port, mfile, qos)
+        c0 = proc_cpu_seconds(c.p.pid)
+        r = c.wait("final")
+        r["cpu"] = proc_cpu_seconds(c.p.pid) - c0 if c.p.poll() is None else r["cpu"]
+        fin = pub.wait("final")
+        pub.close()
+    finally:
+        c.close()
+    r.update(t_start=fin["t_start"], t_end=r["t"], pub_seconds=fin["seconds"])
+    return r
+
+
+class SiteKeys:
+    """The gateway's keyring, read from its state directory; re-read when an envelope names a key this copy
+    has not seen yet (the gateway creates its first data key on its first message)."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.ring: DataKeyring | None = None
+
+    def get(self, kid: str) -> Any:
+        try:
+            assert self.ring is not None
+            return self.ring.get(kid)
+        except Exception:  # noqa: BLE001 - unknown key or not loaded yet: reload once
+            keys = self.state / "keys"
+            self.ring = DataKeyring(keys / "datakeys.jsonl", load_or_create_kek(keys / "kek.key"))
+            return self.ring.get(kid)
+
+
+def drain_destinations(port: int, state: Path, expected: int, idle: float = 2.0) -> DestinationReceiver:
+    ring: Any = SiteKeys(state)
+
+    async def go() -> DestinationReceiver:
+        rx = DestinationReceiver("127.0.0.1", port, ring, client_id=DEST_ID)
+        await rx.start()
+        last, t_last = -1, time.monotonic()
+        while True:
+            got = rx.total + rx.duplicates + rx.undecryptable
+            if got >= expected:
+                await asyncio.sleep(0.2)  # anything beyond the expected (duplicates) arrives now
+                break
+            if got != last:
+                last, t_last = got, time.monotonic()
+            elif time.monotonic() - t_last > idle:
+                break
+            await asyncio.sleep(0.02)
+        await rx.stop()
+        return rx
+
+    return asyncio.run(go())
+
+
+def reconcile(policy: Any, published: list[tuple[str, int]], state: Path, rx: DestinationReceiver) -> dict[str, Any]:
+    """Published vs the audit log vs what each destination received (see the module docstring)."""
+    transport = {name: d.transport for name, d in policy.destinations.items()}
+    decided: Counter[tuple[str, int]] = Counter()
+    rejected: Counter[str] = Counter()
+    expected_mqtt: set[tuple[str, str, int]] = set()
+    expected_vault: set[tuple[str, int]] = set()
+    for rec in iter_records(state / "audit"):
+        if "routes" in rec:
+            key = (rec["dev"], rec["seq"])
+            decided[key] += 1
+            for r in rec["routes"]:
+                if r["allow"]:
+                    if transport[r["dst"]] == "vault":
+                        expected_vault.add(key)
+                    else:
+                        expected_mqtt.add((r["dst"], *key))
+        elif "reason" in rec:
+            rejected[rec["reason"]] += 1
+    pub = set(published)
+    vault: Counter[tuple[str, int]] = Counter()
+    for env in read_vault(state / "vault"):
+        h = msgpack.unpackb(msgpack.unpackb(env)["h"])
+        vault[(h[0], h[2])] += 1
+    got_mqtt = {(d, dev, seq) for d, dev, _stream, seq in rx._seen}  # noqa: SLF001 - benchmark reads the tally
+    not_decided = len(pub - set(decided))
+    missing = len(expected_mqtt - got_mqtt) + len(expected_vault - set(vault))
+    dups = (sum(n - 1 for n in decided.values() if n > 1) + rx.duplicates
+            + sum(n - 1 for n in vault.values() if n > 1))
+    return {"lost": not_decided + missing, "dups": dups, "not_decided": not_decided, "missing_deliveries": missing,
+            "unexpected_deliveries": len(got_mqtt - expected_mqtt) + len(set(vault) - expected_vault),
+            "undecryptable": rx.undecryptable, "deliveries": len(expected_mqtt) + len(expected_vault),
+            "redelivered_deduped": rejected.pop("dedupe.duplicate", 0), "rejected": dict(rejected)}
+
+
+def run_gateway(port: int, n: int, qos: int, state: Path, uv: bool, mfile: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    args = ["gateway", "--port", str(port), "--state", str(state), "--expect", str(n), "--qos", str(qos)]
+    c = Child(*args, *(["--uvloop"] if uv else []))
+    try:
+        c.wait("ready")
+        pub = run_pub(port, mfile, qos)
+        c0 = proc_cpu_seconds(c.p.pid)
+        done = c.wait("done")
+        done["cpu"] = proc_cpu_seconds(c.p.pid) - c0
+        fin = pub.wait("final")
+        pub.close()
+        c.stop()
+        final = c.wait("final", 30)
+    finally:
+        c.close()
+    done.update(t_start=fin["t_start"], t_end=done["t"], pub_seconds=fin["seconds"])
+    return done, final
+
+
+def throughput_row(kind: str, qos: int, msgs: list[tuple[str, bytes]], keys: list[tuple[str, int]], policy: Any,
+                   uv: bool = False) -> dict[str, Any]:
+    n = len(msgs)
+    name = {"c": "ceiling: mosquitto_sub (C)", "py": "ceiling: Python ack-only", "gw": "edgeward gateway"}[kind]
+    with tempfile.TemporaryDirectory(prefix="e2e-") as td:
+        root = Path(td)
+        mfile = root / "msgs.pickle"
+        mfile.write_bytes(pickle.dumps(msgs))
+        broker = start_broker(root / "broker")
+        try:
+            port = broker.port
+            cid = GW_ID if kind == "gw" else SUB_ID
+            prime(port, cid, INGEST_FILTER)
+            if kind == "gw":
+                prime(port, DEST_ID, "edgeward/out/#")
+            b0 = proc_cpu_seconds(broker.proc.pid)  # type: ignore[union-attr]
+            extra: dict[str, Any] = {}
+            if kind == "c":
+                r = run_c(port, n, root, mfile, qos)
+            elif kind == "py":
+                r = run_py(port, n, mfile, qos)
+            else:
+                state = root / "gw"
+                done, final = run_gateway(port, n, qos, state, uv, mfile)
+                r = {k: done[k] for k in ("received", "cpu", "t_start", "t_end", "pub_seconds")}
+            b_cpu = proc_cpu_seconds(broker.proc.pid) - b0  # type: ignore[union-attr]
+            if kind == "gw":
+                s = final["stats"]
+                fwd_mqtt = sum(v for d, v in s["forwarded"].items() if policy.destinations[d].transport == "mqtt")
+                rx = drain_destinations(port, state, fwd_mqtt)
+                rec = reconcile(policy, keys, state, rx)
+                extra = {**rec, "rss_mb": final["VmRSS"] / 1024, "peak_rss_mb": final["VmHWM"] / 1024,
+                         "broker_dropped": s["broker_dropped"], "reconnects": s["reconnects"], "forwarded": s["forwarded"],
+                         "gw_latency_ms": final["latency_ms"]}
+                r["unique"] = n - rec["not_decided"]
+            # residual: ingest messages the consumer never PUBACKed are redelivered to its session now
+            s_ = MiniClient(port, cid, clean_start=False, expiry=EXPIRY)
+            unacked = sum(1 for p in s_.packets(0.3) if type(p).__name__ == "PublishPacket"
+                          and not p.topic.startswith("$SYS")) if qos else 0  # type: ignore[attr-defined]
+            s_.close(expiry=0)
+        finally:
+            broker.stop()
+    r.update(extra)
+    r["seconds"] = r["t_end"] - r["t_start"]
+    r.update(name=name, kind=kind, qos=qos, messages=n, unacked=unacked, broker_cpu=b_cpu)
+    if "lost" not in r:
+        r["lost"] = n - r["unique"]
+        r["dups"] = r.get("dups")
+    r["msgs_per_s"] = n / r["seconds"] if r["seconds"] else 0.0
+    mb = sum(len(p) for _, p in msgs) / 1e6
+    r["mb_per_s"] = mb / r["seconds"] if r["seconds"] else 0.0
+    r["cpu_us_per_msg"] = r["cpu"] / n * 1e6
+    r["broker_us_per_msg"] = b_cpu / n * 1e6
+    log(f"  [{name} QoS {qos}] {r['msgs_per_s']:,.0f} msg/s ({r['mb_per_s']:.1f} MB/s; publisher done at "
+        f"{r['pub_seconds']:.2f}s of {r['seconds']:.2f}s), {r['cpu_us_per_msg']:.0f} µs CPU/msg, lost {r['lost']}, "
+        f"dups {r['dups']}, unacked {unacked}" + (f", gateway reconnects {r['reconnects']}" if "reconnects" in r else ""))
+    return r
+
+
+# ------------------------------------------------------------------------------------------------ latency
+def latency_phase(msgs: list[tuple[str, bytes]], rate: float, policy: Any) -> dict[str, Any]:
+    """Paced publisher at ``rate`` (own process): plain subscriber first, then through the gateway."""
+    keys = [key_of(t, p) for t, p in msgs]
+    out: dict[str, Any] = {"rate": rate, "messages": len(msgs)}
+    with tempfile.TemporaryDirectory(prefix="e2e-lat-") as td:
+        root = Path(td)
+        mfile = root / "msgs.pickle"
+        mfile.write_bytes(pickle.dumps(msgs))
+
+        def pace(port: int) -> tuple[list[float], dict[str, Any]]:
+            c = Child("pub", "--port", str(port), "--messages", str(mfile), "--rate", f"{rate:.1f}",
+                      "--out", str(root / "sent.json"), "--conns", str(PUB_CONNS), "--qos", "1")
+            try:
+                c.wait("ready")
+                fin = c.wait("final")
+            finally:
+                c.close()
+            return json.loads((root / "sent.json").read_text()), fin
+
+        # 1. plain subscriber
+        broker = start_broker(root / "b1")
+        try:
+            sub = Child("acksub", "--port", str(broker.port), "--record", str(root / "recv.json"))
+            try:
+                sub.wait("ready")
+                sent, fin = pace(broker.port)
+                time.sleep(0.3)
+                sub.stop()
+                sub.wait("final", 30)
+            finally:
+                sub.close()
+        finally:
+            broker.stop()
+        t_sent = {k: t for k, t in zip(keys, sent)}
+        plain = [t - t_sent[(d, s)] for d, s, t in json.loads((root / "recv.json").read_text())]
+        out["publisher_seconds"] = fin["seconds"]
+        out["max_inflight_per_conn"] = fin["max_inflight"]
+
+        # 2. through the gateway, destinations online
+        broker = start_broker(root / "b2")
+        state = root / "gw"
+        try:
+            gw = Child("gateway", "--port", str(broker.port), "--state", str(state))
+            try:
+                gw.wait("ready")
+                ring: Any = SiteKeys(state)
+                recv: list[tuple[str, int, float]] = []
+
+                async def go() -> DestinationReceiver:
+                    rx = DestinationReceiver("127.0.0.1", broker.port, ring, client_id=DEST_ID, keep=True)
+                    inner = rx._on_messages  # noqa: SLF001 - note receipt times around the real receiver
+
+                    def on_messages(batch: list[Any]) -> None:
+                        now = time.monotonic()
+                        k = len(rx.messages)
+                        inner(batch)
+                        recv.extend((m.header.device, m.header.seq, now) for m in rx.messages[k:])
+
+                    rx._on_messages = on_messages  # type: ignore[method-assign]  # noqa: SLF001
+                    await rx.start()
+                    loop = asyncio.get_running_loop()
+                    sent2, _ = await loop.run_in_executor(None, pace, broker.port)
+                    out["_sent2"] = sent2
+                    last, t_last = -1, time.monotonic()
+                    while time.monotonic() - t_last < 1.0:
+                        if rx.total != last:
+                            last, t_last = rx.total, time.monotonic()
+                        await asyncio.sleep(0.05)
+                    await rx.stop()
+                    return rx
+
+                rx = asyncio.run(go())
+                gw.stop()
+                final = gw.wait("final", 30)
+            finally:
+                gw.close()
+        finally:
+            broker.stop()
+        t_sent2 = {k: t for k, t in zip(keys, out.pop("_sent2"))}
+        through = [t - t_sent2[(d, s)] for d, s, t in recv]
+        rec = reconcile(policy, keys, state, rx)
+    for p in (50, 99):
+        a, b = percentile(plain, p) * 1e3, percentile(through, p) * 1e3
+        out[f"plain_p{p}_ms"], out[f"through_p{p}_ms"], out[f"added_p{p}_ms"] = a, b, b - a
+        out[f"gw_internal_p{p}_ms"] = final["latency_ms"].get(f"p{p}")
+    out.update(plain_n=len(plain), through_n=len(through), lost=rec["lost"], dups=rec["dups"],
+               rss_mb=final["VmRSS"] / 1024, peak_rss_mb=final["VmHWM"] / 1024)
+    log(f"  [latency @ {rate:,.0f} msg/s] plain p50 {out['plain_p50_ms']:.2f} p99 {out['plain_p99_ms']:.2f} ms; "
+        f"through gateway p50 {out['through_p50_ms']:.2f} p99 {out['through_p99_ms']:.2f} ms; "
+        f"gateway-added p50 {out['added_p50_ms']:.2f} p99 {out['added_p99_ms']:.2f} ms; lost {rec['lost']}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--messages", type=int, help="small-mix messages per row (default 20000; --quick 300)")
+    ap.add_argument("--image-messages", type=int, help="image-mix messages per row (default 600; --quick 40)")
+    ap.add_argument("--mix", choices=["small", "images", "both"], default="both")
+    ap.add_argument("--quick", action="store_true", help="tiny numbers, for a CI smoke run")
+    ap.add_argument("--no-latency", action="store_true", help="skip the half-load latency phase")
+    ap.add_argument("--latency-seconds", type=float, help="duration of each paced run (default 6; --quick 1)")
+    ap.add_argument("--uvloop", action="store_true", help="run the gateway process on uvloop (not the default)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    a = ap.parse_args()
+    n_small = a.messages or (300 if a.quick else 20_000)
+    n_img = a.image_messages or (40 if a.quick else 600)
+    lat_s = a.latency_seconds or (1.0 if a.quick else 6.0)
+    policy = load_policy(REPO / "policies")
+    maker = MessageMaker()
+    t_all = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    mixes = ["small", "images"] if a.mix == "both" else [a.mix]
+    profiles: dict[str, Any] = {}
+    latency: dict[str, Any] | None = None
+    sizes: dict[str, float] = {}
+    for mix in mixes:
+        n = n_small if mix == "small" else n_img
+        log(f"[{mix}] {n} messages per row")
+        for qos in (1, 0):
+            for kind in ("c", "py", "gw"):
+                msgs = maker.make(n, mix)  # fresh seqs for every row
+                sizes[mix] = sum(len(p) for _, p in msgs) / n
+                keys = [key_of(t, p) for t, p in msgs]
+                r = throughput_row(kind, qos, msgs, keys, policy, uv=a.uvloop)
+                r["mix"] = mix
+                results.append(r)
+        log(f"[{mix}] stage profile (in-process) ...")
+        profiles[mix] = profile_stages_for(policy, maker.make(min(n, 5000), mix))
+        gw1 = next(r for r in results if r["mix"] == mix and r["kind"] == "gw" and r["qos"] == 1)
+        profiles[mix]["gateway_cpu_us"] = gw1["cpu_us_per_msg"]
+        profiles[mix]["mqtt_adapter_us"] = gw1["cpu_us_per_msg"] - profiles[mix]["pipeline_us"]
+        if mix == "small" and not a.no_latency:
+            rate = gw1["msgs_per_s"] / 2
+            log(f"[latency] paced at {rate:,.0f} msg/s (50 % of the gateway's QoS-1 rate) for {lat_s:g}s ...")
+            latency = latency_phase(maker.make(max(50, int(rate * lat_s)), "small"), rate, policy)
+    for mix in mixes:
+        c1 = next(r for r in results if r["mix"] == mix and r["kind"] == "c" and r["qos"] == 1)["msgs_per_s"]
+        for r in results:
+            if r["mix"] == mix:
+                r["vs_c_qos1"] = r["msgs_per_s"] / c1
+    meta = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "seconds": time.perf_counter() - t_all,
+            "mean_payload_bytes": sizes, "uvloop": a.uvloop,
+            "headline_ratio": {mix: next(r["vs_c_qos1"] for r in results
+                                         if r["mix"] == mix and r["kind"] == "gw" and r["qos"] == 1) for mix in mixes}}
+    if a.json:
+        print(json.dumps({"meta": meta, "results": results, "latency": latency, "profile": profiles}, indent=1,
+                         default=str))
+        return
+    report(meta, results, latency, profiles)
+
+
+def profile_stages_for(policy: Any, msgs: list[tuple[str, bytes]]) -> dict[str, Any]:
+    from _e2e_profile import profile_stages
+
+    return profile_stages(policy, msgs)
+
+
+def report(meta: dict[str, Any], results: list[dict[str, Any]], latency: dict[str, Any] | None,
+           profiles: dict[str, Any]) -> None:
+    print(f"\nEdgeward end to end vs the broker ceiling — {meta['cpus']} CPUs, Python {meta['python']}, "
+          f"{meta['seconds']:.0f}s" + (" (gateway on uvloop)" if meta["uvloop"] else ""))
+    for mix, size in meta["mean_payload_bytes"].items():
+        rows = []
+        for r in (r for r in results if r["mix"] == mix):
+            rows.append([r["name"], r["qos"], r["messages"], f"{r['msgs_per_s']:,.0f}", f"{r['mb_per_s']:.1f}",
+                         f"{r['vs_c_qos1']:.2f}", r["lost"], "-" if r["dups"] is None else r["dups"], r["unacked"],
+                         f"{r['cpu_us_per_msg']:.0f}", f"{r['broker_us_per_msg']:.0f}",
+                         f"{r['rss_mb']:.0f}/{r['peak_rss_mb']:.0f}" if "rss_mb" in r else "-"])
+        print(f"\n{mix} mix, mean payload {size:,.0f} B (live: timed from the first publish to all done)")
+        print_table(["consumer", "QoS", "msgs", "msg/s", "MB/s", "vs C q1", "lost", "dups", "unacked",
+                     "CPU µs/msg", "broker µs/msg", "RSS/peak MB"], rows)
+    for mix, p in profiles.items():
+        print(f"\nstage profile, {mix} mix ({p['messages']} msgs in-process, "
+              f"{p['deliveries_per_msg']:.2f} deliveries/msg), µs per message:")
+        rows = [[k, f"{v:.1f}"] for k, v in p["stages_us"].items()]
+        rows += [["= pipeline (untimed, real Pipeline.process + audit + vault)", f"{p['pipeline_us']:.1f}"],
+                 ["gateway process CPU per message (QoS-1 row)", f"{p['gateway_cpu_us']:.1f}"],
+                 ["=> MQTT adapter + service share", f"{p['mqtt_adapter_us']:.1f}"]]
+        print_table(["stage", "µs/msg"], rows)
+    if latency:
+        L = latency
+        print(f"\nlatency at half load: {L['rate']:,.0f} msg/s paced, small mix, QoS 1, {L['messages']} msgs "
+              f"(lost {L['lost']}, dups {L['dups']}, gateway RSS {L['rss_mb']:.0f} MB)")
+        print_table(["path", "p50 ms", "p99 ms"], [
+            ["publisher -> plain subscriber", f"{L['plain_p50_ms']:.2f}", f"{L['plain_p99_ms']:.2f}"],
+            ["publisher -> gateway -> destination", f"{L['through_p50_ms']:.2f}", f"{L['through_p99_ms']:.2f}"],
+            ["gateway-added (difference)", f"{L['added_p50_ms']:.2f}", f"{L['added_p99_ms']:.2f}"],
+            ["gateway internal (receipt -> last uplink PUBACK)", f"{L['gw_internal_p50_ms']:.2f}",
+             f"{L['gw_internal_p99_ms']:.2f}"]])
+    print("\nheadline: Edgeward / C-client QoS-1 ceiling = "
+          + ", ".join(f"{m} {v:.2f}" for m, v in meta["headline_ratio"].items()))
+
+
+if __name__ == "__main__":
+    main()
