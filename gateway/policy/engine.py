@@ -88,14 +88,11 @@ class _Selector:
     __slots__ = ("exact", "globs")
 
     def __init__(self, entries: list[tuple[str, int, Any]]) -> None:
-        self.exact: dict[str, tuple[int, Any]] = {}
-        self.globs: list[tuple[int, str, Any]] = []
-        for pattern, order, item in entries:
-            if is_glob(pattern):
-                self.globs.append((order, pattern, item))
-            elif pattern not in self.exact:
-                self.exact[pattern] = (order, item)
-        self.globs.sort(key=lambda g: g[0])
+        # reversed, so that the first of duplicate exact entries is the one left in the dict
+        self.exact: dict[str, tuple[int, Any]] = {
+            p: (o, it) for p, o, it in reversed(entries) if "*" not in p and "?" not in p and "[" not in p
+        }
+        self.globs = sorted(((o, p, it) for p, o, it in entries if is_glob(p)), key=lambda g: g[0])
 
     def first(self, device_id: str) -> Any:
         hit = self.exact.get(device_id)
@@ -231,16 +228,15 @@ class Policy:
         generic: list[GrantSpec] = []
         for g in spec.grants:
             devs = g.devices
-            if devs is not None and not any(is_glob(p) for p in devs):
-                if len(devs) == 1:
-                    lst = by_device.get(devs[0])
-                    if lst is None:
-                        by_device[devs[0]] = [g]
-                    else:
-                        lst.append(g)
+            if devs is not None and len(devs) == 1 and "*" not in devs[0] and "?" not in devs[0] and "[" not in devs[0]:
+                lst = by_device.get(devs[0])
+                if lst is None:
+                    by_device[devs[0]] = [g]
                 else:
-                    for p in dict.fromkeys(devs):
-                        by_device.setdefault(p, []).append(g)
+                    lst.append(g)
+            elif devs is not None and not any(is_glob(p) for p in devs):
+                for p in dict.fromkeys(devs):
+                    by_device.setdefault(p, []).append(g)
             elif devs is None and g.device_types is not None:
                 for t in g.device_types:
                     by_type.setdefault(t, []).append(g)

@@ -7,7 +7,8 @@ another device's namespace (the built-in namespace check still stops it, but the
 
 from __future__ import annotations
 
-from itertools import chain, repeat
+from bisect import bisect_right
+from itertools import accumulate, chain, repeat
 from typing import TYPE_CHECKING
 
 from gateway.policy.spec import PolicySpec
@@ -48,10 +49,17 @@ def lint(spec: PolicySpec, v: _V) -> None:
     counts = [len(g.topics) for g in single]
     flat_topics = list(chain.from_iterable(g.topics for g in single))
     flat_own = list(chain.from_iterable(map(repeat, own, counts)))
-    if all(map(str.startswith, flat_topics, flat_own)):
-        fine = {g.order for g in single}
-    else:
-        fine = {g.order for g, o in zip(single, own) if all(t.startswith(o) for t in g.topics)}
+    oks = list(map(str.startswith, flat_topics, flat_own))
+    fine = {g.order for g in single}
+    if not all(oks):  # find the few offending grants by index, without a Python loop over all of them
+        ends = list(accumulate(counts))
+        i = oks.index(False)
+        while True:
+            fine.discard(single[bisect_right(ends, i)].order)
+            try:
+                i = oks.index(False, i + 1)
+            except ValueError:
+                break
     for g in spec.grants:
         if g.order in fine and not (spec.require_registered and g.devices):
             continue

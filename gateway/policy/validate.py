@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from itertools import chain
+from itertools import chain, repeat
 from collections.abc import Iterable
 from typing import Any
 
@@ -335,7 +335,8 @@ def _fast_devices(items: list[Any], known_types: set[str], vendors: dict[str, An
     n = len(items)
     rids = [derived.get(("devices", i)) or f"devices[{i}]" for i in range(n)] if derived else [
         f"devices[{i}]" for i in range(n)]
-    return list(map(DeviceSpec, ids, types, vends, maint, rids, range(first_order, first_order + n)))
+    rows = zip(ids, types, vends, maint, rids, range(first_order, first_order + n))
+    return list(map(tuple.__new__, repeat(DeviceSpec), rows))  # type: ignore[arg-type]
 
 
 def _fast_grants(items: list[Any], taken: dict[str, Path], first_order: int) -> list[GrantSpec] | None:
@@ -350,7 +351,7 @@ def _fast_grants(items: list[Any], taken: dict[str, Path], first_order: int) -> 
             return None
         if not _plain_names(ids, _ID_CHARS_RE) or len(set(ids)) != len(ids) or not taken.keys().isdisjoint(ids):
             return None
-        if any(i.startswith("builtin.") for i in ids):
+        if ids[0].startswith("builtin.") or "\nbuiltin." in "\n".join(ids):
             return None
         flat_devs = list(chain.from_iterable(devs))
         flat_tops = list(chain.from_iterable(tops))
@@ -358,11 +359,11 @@ def _fast_grants(items: list[Any], taken: dict[str, Path], first_order: int) -> 
             return None
     except (KeyError, TypeError):
         return None
-    for i, rid in enumerate(ids):
-        taken[rid] = ("grants", i)
     n = len(items)
-    return list(map(GrantSpec, ids, range(first_order, first_order + n), map(tuple, devs), [None] * n,
-                    map(tuple, tops)))
+    taken.update(zip(ids, zip(repeat("grants"), range(n))))
+    # tuple.__new__ straight from C: the NamedTuple's Python-level __new__ would cost more than the checks
+    rows = zip(ids, range(first_order, first_order + n), map(tuple, devs), repeat(None), map(tuple, tops))
+    return list(map(tuple.__new__, repeat(GrantSpec), rows))  # type: ignore[arg-type]
 
 
 def validate(doc: Document) -> tuple[PolicySpec | None, list[Diagnostic]]:
