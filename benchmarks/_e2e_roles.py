@@ -71,6 +71,8 @@ def role_gateway(a: argparse.Namespace) -> None:
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         gw = Gateway(GatewayConfig(state_dir=Path(a.state), port=a.port), policy)
+        if a.proto_fsync_thread:
+            _fsync_off_loop(gw)
         t0, c0 = time.perf_counter(), cpu_s()
         async with gw:
             emit(event="ready", pid=os.getpid())
@@ -99,6 +101,24 @@ def role_gateway(a: argparse.Namespace) -> None:
 
     with _runner(a.uvloop) as r:
         r.run(main())
+
+
+def _fsync_off_loop(gw: object) -> None:
+    """PROTOTYPE (not product code): the gateway's 1-s audit/vault fsync in a worker thread instead of on
+    the event loop. Writes stay on the loop (they are what the ingest PUBACK waits for); only the fsync,
+    which the loop never waited on for acknowledgement anyway, moves."""
+
+    async def syncer(stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            await asyncio.sleep(1.0)
+            audit, vault = gw.audit, gw.vault  # type: ignore[attr-defined]
+            audit.flush()
+            vault.flush()
+            fds = [audit._fh.fileno(), vault._fh.fileno()]
+            await loop.run_in_executor(None, lambda: [os.fsync(fd) for fd in fds])
+
+    gw._syncer = syncer  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------------------------------------ ack-only subscriber
@@ -385,6 +405,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.0)
     ap.add_argument("--conns", type=int, default=8)
     ap.add_argument("--out")
+    ap.add_argument("--proto-fsync-thread", action="store_true")
     ap.add_argument("--stall-report", type=float, default=10.0)
     a = ap.parse_args()
     {"gateway": role_gateway, "acksub": role_acksub, "pub": role_pub}[a.role](a)

@@ -78,6 +78,7 @@ REPO = HERE.parent
 GW_ID, DEST_ID, SUB_ID = "edgeward-gateway", "edgeward-destinations", "plain-sub"
 SMALL_RESULT_TYPES = ("body_scanner", "trace_detector", "face_egate")
 PUB_CONNS = 8
+GW_FLAGS: list[str] = []  # prototype switches passed to the gateway process (--uvloop, --proto-fsync-thread)
 
 
 # ------------------------------------------------------------------------------------------------ messages
@@ -304,7 +305,7 @@ def reconcile(policy: Any, published: list[tuple[str, int]], state: Path, rx: De
 
 def run_gateway(port: int, n: int, qos: int, state: Path, uv: bool, mfile: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     args = ["gateway", "--port", str(port), "--state", str(state), "--expect", str(n), "--qos", str(qos)]
-    c = Child(*args, *(["--uvloop"] if uv else []))
+    c = Child(*args, *GW_FLAGS)
     try:
         c.wait("ready")
         pub = run_pub(port, mfile, qos)
@@ -423,7 +424,7 @@ def latency_phase(msgs: list[tuple[str, bytes]], rate: float, policy: Any) -> di
         broker = start_broker(root / "b2")
         state = root / "gw"
         try:
-            gw = Child("gateway", "--port", str(broker.port), "--state", str(state))
+            gw = Child("gateway", "--port", str(broker.port), "--state", str(state), *GW_FLAGS)
             try:
                 gw.wait("ready")
                 ring: Any = SiteKeys(state)
@@ -484,11 +485,14 @@ def main() -> None:
     ap.add_argument("--no-latency", action="store_true", help="skip the half-load latency phase")
     ap.add_argument("--latency-seconds", type=float, help="duration of each paced run (default 6; --quick 1)")
     ap.add_argument("--uvloop", action="store_true", help="run the gateway process on uvloop (not the default)")
+    ap.add_argument("--proto-fsync-thread", action="store_true",
+                    help="PROTOTYPE: the gateway's 1-s fsync in a worker thread (not the product's behaviour)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     a = ap.parse_args()
     n_small = a.messages or (300 if a.quick else 20_000)
     n_img = a.image_messages or (40 if a.quick else 600)
     lat_s = a.latency_seconds or (1.0 if a.quick else 6.0)
+    GW_FLAGS.extend([f for f, on in (("--uvloop", a.uvloop), ("--proto-fsync-thread", a.proto_fsync_thread)) if on])
     policy = load_policy(REPO / "policies")
     maker = MessageMaker()
     t_all = time.perf_counter()
@@ -523,7 +527,7 @@ def main() -> None:
             if r["mix"] == mix:
                 r["vs_c_qos1"] = r["msgs_per_s"] / c1
     meta = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "seconds": time.perf_counter() - t_all,
-            "mean_payload_bytes": sizes, "uvloop": a.uvloop,
+            "mean_payload_bytes": sizes, "uvloop": a.uvloop, "gateway_flags": GW_FLAGS,
             "headline_ratio": {mix: next(r["vs_c_qos1"] for r in results
                                          if r["mix"] == mix and r["kind"] == "gw" and r["qos"] == 1) for mix in mixes}}
     if a.json:
@@ -542,7 +546,7 @@ def profile_stages_for(policy: Any, msgs: list[tuple[str, bytes]]) -> dict[str, 
 def report(meta: dict[str, Any], results: list[dict[str, Any]], latency: dict[str, Any] | None,
            profiles: dict[str, Any]) -> None:
     print(f"\nEdgeward end to end vs the broker ceiling — {meta['cpus']} CPUs, Python {meta['python']}, "
-          f"{meta['seconds']:.0f}s" + (" (gateway on uvloop)" if meta["uvloop"] else ""))
+          f"{meta['seconds']:.0f}s" + (f" (gateway flags: {' '.join(meta['gateway_flags'])})" if meta["gateway_flags"] else ""))
     for mix, size in meta["mean_payload_bytes"].items():
         rows = []
         for r in (r for r in results if r["mix"] == mix):
