@@ -30,7 +30,7 @@ from gateway.policy.validate import is_glob
 
 __all__ = ["Policy", "Destination", "DeviceEntry", "MEMO_SIZE", "GATEWAY_USER", "canonical_revision"]
 
-MEMO_SIZE = 1 << 17
+MEMO_SIZE = 1 << 14  # ~1-2 KB a decision: a few tens of MB at worst, whatever devices send
 GATEWAY_USER = "edgeward-gateway"
 
 
@@ -253,6 +253,7 @@ class Policy:
             if r.when.vendors is not None or r.when.device_types is not None
         )
         self._memo: dict[tuple[Any, ...], Decision] = {}
+        self._denials: dict[tuple[str, str], Decision] = {}
         self._limits = {t.name: (t.max_size, t.rule_id) for t in spec.device_types.values()}
         self._contracts = frozenset(v.name for v in spec.vendors.values() if v.maintenance_contract)
 
@@ -293,8 +294,13 @@ class Policy:
         return decision, trace
 
     def _deny_all(self, reason: str, rule: str) -> Decision:
-        rules = (rule,)
-        return Decision(self.revision, tuple(Route(d.name, False, rules=rules, reason=reason) for d in self._dests))
+        # one shared Decision per (reason, rule): hostile traffic that is denied outright costs no memory
+        hit = self._denials.get((reason, rule))
+        if hit is None:
+            rules = (rule,)
+            hit = Decision(self.revision, tuple(Route(d.name, False, rules=rules, reason=reason) for d in self._dests))
+            self._denials[(reason, rule)] = hit
+        return hit
 
     def _sorted(self, ids: set[str]) -> tuple[str, ...]:
         order = self._order
