@@ -131,7 +131,10 @@ def _seq_of(payload: bytes) -> int:
         return int.from_bytes(payload[6:6 + (1, 2, 4, 8)[b - 0xCC]], "big")
     import msgpack
 
-    return int(msgpack.unpackb(payload)["seq"])
+    m = msgpack.unpackb(payload)
+    if "h" in m:  # an envelope: the header's third item is the sequence
+        return int(msgpack.unpackb(m["h"])[2])
+    return int(m["seq"])
 
 
 def role_acksub(a: argparse.Namespace) -> None:
@@ -174,7 +177,8 @@ def role_acksub(a: argparse.Namespace) -> None:
                         self.received += 1
                         if pkt.packet_id is not None:
                             out.append(PubAckPacket(pkt.packet_id).write())
-                        key = (pkt.topic.split("/", 4)[3], _seq_of(pkt.payload))
+                        key = (pkt.topic if record else pkt.topic.split("/", 4)[3],
+                               _seq_of(pkt.payload))
                         if key in seen:
                             self.dups += 1
                         else:
@@ -211,7 +215,7 @@ def role_acksub(a: argparse.Namespace) -> None:
         if not record:
             emit(event="ready")
         else:
-            transport.write(mqtt5.SubscribePacket(1, [mqtt5.TopicFilter(INGEST_FILTER, max_qos=mqtt5.QoS(1))]).write())
+            transport.write(mqtt5.SubscribePacket(1, [mqtt5.TopicFilter(a.filter, max_qos=mqtt5.QoS(1))]).write())
             loop.add_signal_handler(signal.SIGTERM, lambda: fut.done() or fut.set_result(None))
             await asyncio.sleep(0.2)  # SUBACK
             emit(event="ready")
@@ -401,6 +405,7 @@ def main() -> None:
     ap.add_argument("--uvloop", action="store_true")
     ap.add_argument("--client-id", default="plain-sub")
     ap.add_argument("--record")
+    ap.add_argument("--filter", default=INGEST_FILTER)
     ap.add_argument("--messages")
     ap.add_argument("--rate", type=float, default=0.0)
     ap.add_argument("--conns", type=int, default=8)
