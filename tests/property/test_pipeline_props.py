@@ -148,7 +148,7 @@ def test_valid_marked_payloads_are_forwarded_sealed_with_the_values_intact(pipel
     assert MARKER.encode() in open_envelope(pipeline.keyring, vault.envelope)[1]
 
 
-def test_the_audit_chain_of_all_those_records_verifies(audit: AuditLog, tmp_path: Path) -> None:
+def test_the_audit_chain_of_all_those_records_verifies(audit: AuditLog) -> None:
     audit.flush(sync=True)
     assert verify_chain(audit.directory).ok
 

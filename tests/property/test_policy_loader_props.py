@@ -146,7 +146,7 @@ def test_mutated_shipped_policy_compiles_or_raises_policy_error(text: str) -> No
             assert all("religion" not in r.fields for r in decision.routes)
 
 
-def test_the_shipped_policy_itself_loads(tmp_path: Path) -> None:
+def test_the_shipped_policy_itself_loads() -> None:
     assert isinstance(load_policy(POLICY_DIR), Policy)
     assert isinstance(outcome(SHIPPED), Policy)
 
