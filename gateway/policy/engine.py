@@ -87,17 +87,22 @@ class _Selector:
 
     __slots__ = ("exact", "globs")
 
-    def __init__(self, entries: list[tuple[str, int, Any]]) -> None:
-        # reversed, so that the first of duplicate exact entries is the one left in the dict
-        self.exact: dict[str, tuple[int, Any]] = {
-            p: (o, it) for p, o, it in reversed(entries) if "*" not in p and "?" not in p and "[" not in p
-        }
-        self.globs = sorted(((o, p, it) for p, o, it in entries if is_glob(p)), key=lambda g: g[0])
+    def __init__(self, entries: list[Any]) -> None:
+        """``entries``: specs with ``.pattern`` and ``.order``, in policy order."""
+        patterns = [e.pattern for e in entries]
+        joined = "\n".join(patterns)
+        if "*" not in joined and "?" not in joined and "[" not in joined:  # the common case, at C speed
+            # reversed, so that the first of duplicate exact entries is the one left in the dict
+            self.exact: dict[str, Any] = dict(zip(reversed(patterns), reversed(entries)))
+            self.globs: list[tuple[int, str, Any]] = []
+            return
+        self.exact = {e.pattern: e for e in reversed(entries) if not is_glob(e.pattern)}
+        self.globs = sorted(((e.order, e.pattern, e) for e in entries if is_glob(e.pattern)), key=lambda g: g[0])
 
     def first(self, device_id: str) -> Any:
         hit = self.exact.get(device_id)
         if hit is not None:
-            return hit[1]
+            return hit
         for _, pattern, item in self.globs:
             if fnmatchcase(device_id, pattern):
                 return item
@@ -219,8 +224,8 @@ class Policy:
             {t.name: t.max_size for t in spec.device_types.values() if t.max_size is not None}
         )
         self._order = spec.rule_order
-        self._deny = _Selector([(e.pattern, e.order, e) for e in spec.denylist])
-        self._registry = _Selector([(d.pattern, d.order, d) for d in spec.devices])
+        self._deny = _Selector(list(spec.denylist))
+        self._registry = _Selector(list(spec.devices))
         # grants indexed by exact device id / device type; each grant's filters are split the first
         # time a message needs them (a 10k-device site should not pay for devices that never speak)
         by_device: dict[str, list[GrantSpec]] = {}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from yaml.constructor import ConstructorError, SafeConstructor
+from yaml.constructor import SafeConstructor
 
 from gateway.policy.diagnostics import Diagnostic
 
@@ -24,6 +24,7 @@ Pos = tuple[str, int, int]
 
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _MAX_TEXT = 16 * 1024 * 1024  # a policy larger than this is a mistake, not a policy
+_MAX_ALIAS_NODES = 10_000  # nodes reached through aliases, in all
 
 
 @dataclass(slots=True)
@@ -89,11 +90,37 @@ class _Walker:
         self.doc = doc
         self.diags = diags
         self.ctor = SafeConstructor()
+        self.seen: set[int] = set()
+        self.in_alias = False
+        self.alias_nodes = 0
+        self.exhausted = False
 
     def at(self, node: yaml.Node) -> Pos:
         return (self.source, node.start_mark.line + 1, node.start_mark.column + 1)
 
     def walk(self, node: yaml.Node, path: Path, depth: int = 0) -> Any:
+        if self.exhausted:
+            return None
+        # An alias is the same node object met again. Expanding aliases is bounded (a few hundred
+        # bytes of nested aliases expand to millions of nodes: "billion laughs"); plain text is not.
+        key = id(node)
+        revisit = key in self.seen
+        if revisit or self.in_alias:
+            self.alias_nodes += 1
+            if self.alias_nodes > _MAX_ALIAS_NODES:
+                self.exhausted = True
+                self.diags.append(Diagnostic(*self.at(node), "syntax.too_large",
+                                             f"aliases expand to more than {_MAX_ALIAS_NODES} nodes",
+                                             "write the repeated parts out, or use fewer nested aliases"))
+                return None
+        else:
+            self.seen.add(key)
+        if revisit and not self.in_alias:
+            self.in_alias = True
+            try:
+                return self.walk(node, path, depth)
+            finally:
+                self.in_alias = False
         self.doc.positions[path] = self.at(node)
         if depth > 64:
             self.diags.append(Diagnostic(*self.at(node), "syntax.too_deep", "nesting deeper than 64 levels"))
@@ -124,6 +151,7 @@ class _Walker:
     def scalar(self, node: yaml.Node) -> Any:
         try:
             return self.ctor.construct_object(node, deep=True)
-        except (ConstructorError, ValueError, TypeError) as exc:
-            self.diags.append(Diagnostic(*self.at(node), "syntax.scalar", f"unreadable value: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - untrusted text: SafeConstructor raises KeyError, IndexError...
+            self.diags.append(Diagnostic(*self.at(node), "syntax.scalar", f"unreadable value {node.value!r}",
+                                         f"{type(exc).__name__}: remove the explicit tag or fix the value"))
             return None

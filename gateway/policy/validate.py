@@ -67,8 +67,7 @@ _TYPE_KEYS = frozenset({"id", "max_size", "description"})
 _DEVICE_KEYS = frozenset({"id", "type", "vendor", "maintenance", "description"})
 _DENY_KEYS = frozenset({"id", "device", "description"})
 _GRANT_KEYS = frozenset({"id", "devices", "device_types", "topics", "description"})
-_GRANT_FAST_KEYS = frozenset({"id", "devices", "topics"})
-_DEVICE_FAST_KEYS = frozenset({"id", "type", "vendor", "maintenance"})
+_DEVICE_FAST_KEYS = frozenset({"id", "type", "vendor", "maintenance"})  # a fast-path device entry
 _OPT_BOOL = (type(None), bool)
 _RULE_KEYS = frozenset({"id", "effect", "destinations", "classes", "fields", "when", "description"})
 _WHEN_KEYS = frozenset({"devices", "device_types", "vendors", "streams", "topics"})
@@ -298,13 +297,15 @@ def _plain_filters(filters: list[str]) -> bool:
     j = "\n" + "\n".join(filters) + "\n"
     if "\n\n" in j or "{" in j or "}" in j or "\x00" in j:
         return False
+    # A wildcard is a whole level when both its neighbours are separators ('/' or the '\n' between
+    # filters); '#' must also be last. Each character has one left and one right neighbour, so
+    # counting the good pairs on each side must account for every wildcard.
     hashes = j.count("#")
-    if hashes and hashes != j.count("/#\n") + j.count("\n#\n"):
+    if hashes and (j.count("/#") + j.count("\n#") != hashes or j.count("#\n") != hashes):
         return False
-    if "+" in j:
-        d = j.replace("/", "//").replace("\n", "\n\n")  # doubled separators: whole-level '+' never overlap
-        if d.count("+") != d.count("/+/") + d.count("/+\n") + d.count("\n+/") + d.count("\n+\n"):
-            return False
+    plus = j.count("+")
+    if plus and (j.count("/+") + j.count("\n+") != plus or j.count("+/") + j.count("+\n") != plus):
+        return False
     return True
 
 
@@ -316,12 +317,16 @@ def _fast_devices(items: list[Any], known_types: set[str], vendors: dict[str, An
     """Column-wise checks of a large, well-formed registry at C speed; None means "take the slow path",
     which finds and reports whatever is wrong."""
     try:
-        if not items or set(map(type, items)) != {dict} or not all(map(_DEVICE_FAST_KEYS.issuperset, items)):
+        if not items or set(map(type, items)) != {dict}:
+            return None
+        # exactly three keys and all three found (KeyError otherwise) = exactly id, type and vendor
+        three = set(map(len, items)) == {3}
+        if not three and not all(map(_DEVICE_FAST_KEYS.issuperset, items)):
             return None
         ids = [x["id"] for x in items]
         types = [x["type"] for x in items]
         vends = [x["vendor"] for x in items]
-        maint = [x.get("maintenance") for x in items]
+        maint: list[Any] = [None] * len(items) if three else [x.get("maintenance") for x in items]
         if not _plain_names(ids, _DEVICE_CHARS_RE):
             return None
         if not set(types) <= known_types or (vendors and not set(vends) <= vendors.keys()):
@@ -333,8 +338,8 @@ def _fast_devices(items: list[Any], known_types: set[str], vendors: dict[str, An
     except (KeyError, TypeError):
         return None
     n = len(items)
-    rids = [derived.get(("devices", i)) or f"devices[{i}]" for i in range(n)] if derived else [
-        f"devices[{i}]" for i in range(n)]
+    rids = [derived.get(("devices", i)) or f"devices[{i}]" for i in range(n)] if derived else list(
+        map("devices[{}]".format, range(n)))
     rows = zip(ids, types, vends, maint, rids, range(first_order, first_order + n))
     return list(map(tuple.__new__, repeat(DeviceSpec), rows))  # type: ignore[arg-type]
 
@@ -342,8 +347,8 @@ def _fast_devices(items: list[Any], known_types: set[str], vendors: dict[str, An
 def _fast_grants(items: list[Any], taken: dict[str, Path], first_order: int) -> list[GrantSpec] | None:
     """As ``_fast_devices``, for grants that name exact devices and plain filters with explicit ids."""
     try:
-        if not items or set(map(type, items)) != {dict} or not all(map(_GRANT_FAST_KEYS.issuperset, items)):
-            return None
+        if not items or set(map(type, items)) != {dict} or set(map(len, items)) != {3}:
+            return None  # exactly three keys, each looked up below: id, devices, topics
         ids = [x["id"] for x in items]
         devs = [x["devices"] for x in items]
         tops = [x["topics"] for x in items]
@@ -509,24 +514,6 @@ def validate(doc: Document) -> tuple[PolicySpec | None, list[Diagnostic]]:
         grant_items = []
     for i, item in enumerate(grant_items):
         p = ("grants", i)
-        if (
-            type(item) is dict
-            and item.keys() <= _GRANT_FAST_KEYS
-            and type(rid := item.get("id")) is str
-            and rid not in ids
-            and _ID_RE.match(rid)
-            and not rid.startswith("builtin.")
-            and type(gdevs := item.get("devices")) is list
-            and gdevs
-            and (type(gdevs[0]) is str and _DEVICE_RE.match(gdevs[0]) if len(gdevs) == 1
-                 else all(type(d) is str and _DEVICE_RE.match(d) for d in gdevs))
-            and type(gtops := item.get("topics")) is list
-            and all(type(t) is str and t and _PLAIN_FILTER_RE.match(t) for t in gtops)
-        ):
-            ids[rid] = p
-            v.order += 1
-            grants.append(GrantSpec(rid, v.order, tuple(gdevs), None, tuple(gtops)))
-            continue
         m = v.mapping(p, item, _GRANT_KEYS, "a grant")
         if not m:
             continue
