@@ -156,4 +156,4 @@ class PolicySpec:
     grants: tuple[GrantSpec, ...]
     rules: tuple[RuleSpec, ...]
     destinations: tuple[DestinationSpec, ...]  # in declaration order: the order of Decision.routes
-    rule_order: dict[str, int]  # every rule id -> its order (builtins: negative)
+    rule_order: dict[str, int]  # every deciding rule id -> its order (builtins: negative; not registry entries)

@@ -661,7 +661,7 @@ def validate(doc: Document) -> tuple[PolicySpec | None, list[Diagnostic]]:
         ))
 
     rule_order = {b: -len(BUILTIN_RULES) + i for i, b in enumerate(BUILTIN_RULES)}
-    for group in (denylist, device_types.values(), devices, grants, rules):
+    for group in (denylist, device_types.values(), grants, rules):  # registry entries never decide a route
         rule_order.update(zip([r.rule_id for r in group], [r.order for r in group]))
     for d in destinations:
         for o in d.obligations:
