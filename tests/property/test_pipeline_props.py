@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,7 @@ def _check(pl: Pipeline, audit: AuditLog, topic: str, payload: bytes, retain: bo
     assert MARKER not in text and MARKER not in json.dumps(rec, ensure_ascii=False)
     if out.reason:
         assert not out.deliveries and rec["reason"] == out.reason
-        assert out.reason.split(".")[0] in {"guard", "decode", "dedupe"}, out.reason
+        assert re.fullmatch(r"[a-z_]+\.[a-z_0-9]+", out.reason), out.reason  # a stable code, never a value
     else:
         assert out.decision is not None and "routes" in rec
         allowed = [r.destination for r in out.decision.routes if r.allow]
@@ -141,7 +142,8 @@ def test_valid_marked_payloads_are_forwarded_sealed_with_the_values_intact(pipel
     payload = data.draw(valid_payload(schema))
     payload["substances"] = [MARKER]
     payload["seq"] = next(_FRESH_SEQ)  # Hypothesis replays examples: never offer dedupe the same seq twice
-    out = pipeline.process(f"site/{SITE}/dev/{dtype.id_prefix}-77777/result", msgpack.packb(payload))
+    device = f"{dtype.id_prefix}-{next(_FRESH_SEQ) % 100_000:05d}"  # a fresh device: no rate budget spent
+    out = pipeline.process(f"site/{SITE}/dev/{device}/result", msgpack.packb(payload))
     assert out.reason == ""
     assert MARKER not in json.dumps(out.record)
     vault = next(d for d in out.deliveries if d.destination == "vault")

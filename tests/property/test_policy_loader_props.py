@@ -1,12 +1,9 @@
 """Properties of the policy loader: any text (or plain data) gives a ``Policy`` or one ``PolicyError``
-carrying positioned diagnostics — never another exception and never a half-valid policy.
-
-Explicit YAML tags (``!!bool maybe``...) and alias expansion are kept out of the generators here:
-the loader mishandles both today, shown by tests/property/test_found_bugs.py.
-"""
+carrying positioned diagnostics — never another exception and never a half-valid policy."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +29,6 @@ VOCAB = [
     "obligations", "drop", "on_prem", "NL", "EU", "CN", "*", "xr-*", "pii", "biometric", "prohibited",
     "status/health", "result", "site/{site}/dev/{device}/#", "AMS-T1", "1", "0", "-1", "true", "null", "~",
 ]
-
-
-def _no_tags(text: str) -> bool:
-    return "!" not in text  # explicit tags: see test_found_bugs.py
 
 
 def outcome(text: str) -> Policy | list[Any]:
@@ -79,14 +72,14 @@ policy_shaped = st.fixed_dictionaries(
     optional={k: yaml_data for k in VOCAB[2:14]},
 )
 fragments = st.one_of(
-    st.sampled_from([*VOCAB, ":", ": ", "- ", "\n", "\n  ", "\t", "[", "]", "{", "}", ",", "#", "'", '"', "&a ", "*a", "? ", "|", ">", "---", "..."]),
+    st.sampled_from([*VOCAB, ":", ": ", "- ", "\n", "\n  ", "\t", "[", "]", "{", "}", ",", "#", "'", '"', "&a ", "*a", "? ", "|", ">", "---", "...", "!!int ", "!!bool ", "!!timestamp ", "!!binary ", "!x "]),
     st.text(max_size=6),
 )
 yamlish_text = st.lists(fragments, max_size=60).map("".join)
 
 
 @settings(max_examples=examples(300))
-@given(st.one_of(st.text(max_size=400), yamlish_text).filter(_no_tags))
+@given(st.one_of(st.text(max_size=400), yamlish_text))
 def test_any_text_compiles_or_raises_policy_error(text: str) -> None:
     outcome(text)
 
@@ -133,7 +126,7 @@ def mutated_shipped(draw: st.DrawFn) -> str:
 
 
 @settings(max_examples=examples(200))
-@given(mutated_shipped().filter(_no_tags))
+@given(mutated_shipped())
 def test_mutated_shipped_policy_compiles_or_raises_policy_error(text: str) -> None:
     got = outcome(text)
     if isinstance(got, Policy):
@@ -154,8 +147,6 @@ def test_the_shipped_policy_itself_loads() -> None:
 @pytest.mark.parametrize("size", [10, 1000, 10_000])
 def test_big_flat_lists_compile_in_bounded_time(size: int) -> None:
     """A registry of ``size`` devices: linear work, no surprise (the operator's own file)."""
-    import time
-
     devices = "".join(f"  - {{id: et-{i:05d}, type: trace_detector, vendor: smiths-detection}}\n" for i in range(size))
     text = SHIPPED.replace("devices:\n", "devices:\n" + devices, 1)
     t0 = time.perf_counter()
@@ -170,3 +161,56 @@ def test_a_permit_rule_naming_an_undeclared_destination_is_reported_not_a_crash(
     got = outcome(text)
     if isinstance(got, Policy):
         assert any(d.code == "ref.unknown_destination" for d in got.warnings)
+
+
+def _policy_error_or_crash(text: str) -> PolicyError:
+    with pytest.raises(PolicyError) as info:  # anything else (KeyError, AttributeError...) fails here
+        compile_policy(text, source="bug.yaml")
+    return info.value
+
+
+# ---------------------------------------------------------------------------------- regressions (found here; fixed in d96cd0e)
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: !!timestamp foo",  # AttributeError: 'NoneType' object has no attribute 'groupdict'
+        "a: !!bool maybe",  # KeyError: 'maybe'
+        "a: !!int ''",  # IndexError: string index out of range
+        "a: !!float ''",  # IndexError
+    ],
+)
+def test_policy_explicit_yaml_tags_give_a_policy_error(text: str) -> None:
+    """Regression: SafeConstructor raised AttributeError/KeyError/IndexError for tagged scalars it could
+    not read, past ``_Walker.scalar``'s except clause."""
+    err = _policy_error_or_crash(text)
+    assert err.diagnostics
+
+
+@settings(max_examples=examples(200))
+@given(
+    st.sampled_from(["!!int", "!!float", "!!bool", "!!timestamp", "!!null", "!!binary", "!!str", "!!merge", "!!omap"]),
+    st.text(max_size=12),
+)
+def test_policy_any_tagged_scalar_gives_a_policy_or_a_policy_error(tag: str, value: str) -> None:
+    """The general property: ``key: <tag> <value>`` compiles or raises PolicyError."""
+    text = f"a: {tag} {value!r}"
+    try:
+        compile_policy(text, source="bug.yaml")
+    except PolicyError:
+        pass
+
+
+def _alias_bomb(levels: int) -> str:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_policy_alias_expansion_is_bounded() -> None:
+    """Regression: aliases were expanded without bound ("billion laughs"): 279 bytes took 3.4 s, 329 bytes
+    ~40 s. Now the walker stops at a node budget with a ``syntax.*`` diagnostic."""
+    t0 = time.perf_counter()
+    err = _policy_error_or_crash(_alias_bomb(6))
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 0.5, f"{len(_alias_bomb(6))}-byte policy took {elapsed:.2f}s to refuse"
+    assert any(getattr(d, "code", "").startswith("syntax.") for d in err.diagnostics)
