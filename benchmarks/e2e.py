@@ -22,8 +22,8 @@ are remote systems in production, so their CPU does not belong on this machine);
 is not used: it trips a gateway bug, see the report: messages delivered with the CONNACK are never
 PUBACKed.) Gateway CPU = /proc/<pid>/stat utime+stime over the timed window.
 
-QoS-0 rows: the same messages published at QoS 0 (the broker queues them for the offline session only
-because of ``queue_qos0_messages true``). Delivery to the consumer is then QoS 0: no ingest PUBACK, and
+QoS-0 rows: the same messages published at QoS 0 (``queue_qos0_messages true`` lets the broker queue them
+for a session briefly offline). Delivery to the consumer is then QoS 0: no ingest PUBACK, and
 the gateway does not hold anything back for its uplinks (they stay QoS 1): at-most-once into the gateway.
 
 Lost / duplicated (gateway rows): every published (device, seq) must have exactly one policy decision in
@@ -90,7 +90,9 @@ GW_FLAGS: list[str] = []  # prototype switches passed to the gateway process (--
 class MessageMaker:
     """Realistic, guard-passing device payloads with fresh (device, seq) for every call."""
 
-    def __init__(self, devices: int = 64, seed: int = 7) -> None:
+    def __init__(self, devices: int = 2000, seed: int = 7) -> None:
+        # Enough devices that none exceeds its type's rate baseline (gateway.detect: a per-device bucket of
+        # at least 60 messages): a row of 20k messages is ~10 per device, as a real site's fleet would send.
         self.fleet = make_fleet(devices, seed=seed)
         self.factories = {s.device_id: PayloadFactory(s, seed=seed) for s in self.fleet}
         self.seq = Counter({s.device_id: int(time.time()) % 100_000 * 1000 for s in self.fleet})
