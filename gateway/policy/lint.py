@@ -60,7 +60,8 @@ def lint(spec: PolicySpec, v: _V) -> None:
                 i = oks.index(False, i + 1)
             except ValueError:
                 break
-    for g in spec.grants:
+    todo = spec.grants if spec.require_registered else [g for g in spec.grants if g.order not in fine]
+    for g in todo:
         if g.order in fine and not (spec.require_registered and g.devices):
             continue
         gp: tuple[str | int, ...] | None = None
