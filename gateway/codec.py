@@ -81,8 +81,6 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
         raise DecodeError("decode.malformed", type(exc).__name__) from exc
     except Exception as exc:  # noqa: BLE001 - untrusted bytes: any unpacker failure is one rejection
         raise DecodeError("decode.malformed", type(exc).__name__) from exc
-    if not all(type(k) is str for k in value):
-        raise DecodeError("decode.key_type", "map keys must be strings")
     _check_values(value, limits.max_depth)
     return value
 
@@ -96,6 +94,8 @@ def _check_values(value: object, depth_left: int) -> None:
         if t is dict or t is list:
             if left <= 0:
                 raise DecodeError("decode.too_deep", "nesting deeper than the limit")
+            if t is dict and not all(type(k) is str for k in v):  # type: ignore[union-attr]
+                raise DecodeError("decode.key_type", "map keys must be strings")
             items = v.values() if t is dict else v  # type: ignore[union-attr]
             for item in items:  # type: ignore[union-attr]
                 ti = type(item)

@@ -16,6 +16,7 @@ from functools import cache
 from typing import Any
 
 from gateway.catalog import ENVELOPE_FIELDS, STREAMS, FieldSpec, StreamSchema
+from gateway.detect import SUBFIELD_PRECISION, prohibited_field
 from gateway.errors import RejectedMessage
 
 __all__ = ["parse_topic", "check_payload", "MAX_LIST_STR", "Checked"]
@@ -106,6 +107,14 @@ def _scalar_checker(name: str, kind: str, spec: FieldSpec | None) -> Callable[[A
     raise ValueError(f"no scalar checker for kind {kind}")
 
 
+def _sub_spec(spec: FieldSpec, key: str, kind: str) -> FieldSpec | None:
+    """A record subfield's own precision (a manifest's weight has one), so it is quantised too."""
+    precision = SUBFIELD_PRECISION.get((spec.name, key)) if kind == "float" else None
+    if precision is None:
+        return None
+    return FieldSpec(f"{spec.name}.{key}", spec.cls, "float", precision=precision)
+
+
 def _field_checker(spec: FieldSpec) -> Callable[[Any], Any]:
     name = spec.name
     if spec.kind == "list":
@@ -121,7 +130,9 @@ def _field_checker(spec: FieldSpec) -> Callable[[Any], Any]:
 
         return check_list
     if spec.kind == "records":
-        subs = {k: _scalar_checker(f"{name}.{k}", kind, None) for k, kind in spec.subfields}
+        subs = {
+            k: _scalar_checker(f"{name}.{k}", kind, _sub_spec(spec, k, kind)) for k, kind in spec.subfields
+        }
         keys = frozenset(subs)
         ordered = sorted(subs)  # records come out with sorted keys: canonical without a second pass
         limit = spec.max_len
@@ -164,7 +175,9 @@ def check_payload(schema: StreamSchema, payload: dict[str, Any], *, now_ms: int)
             continue
         check = checkers.get(name)
         if check is None:
-            raise RejectedMessage("guard.unknown_field", f"field {name[:64]!r} is not in the schema")
+            # Special-category data (ethnicity, religion, inferred flags) is named as such.
+            code = prohibited_field(name) or "guard.unknown_field"
+            raise RejectedMessage(code, f"field {name[:64]!r} is not in the schema")
         out[name] = check(value)
     if not required <= out.keys():
         missing = sorted(required - out.keys())

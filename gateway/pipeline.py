@@ -21,6 +21,7 @@ from gateway.codec import DEFAULT_LIMITS, Limits, decode, encode_fields
 from gateway.crypto.envelope import Header, seal
 from gateway.crypto.keys import DataKeyring
 from gateway.dedupe import DedupeWindow
+from gateway.detect import RateBaseline, device_id_suspicious, scan_text_fields, strip_image_trailers
 from gateway.errors import RejectedMessage
 from gateway.guards import check_payload, parse_topic
 from gateway.model import Decision, MessageFacts
@@ -92,12 +93,19 @@ class Pipeline:
         limits: Limits = DEFAULT_LIMITS,
         dedupe: DedupeWindow | None = None,
         clock_ms: Callable[[], int],
+        recipients: Mapping[str, Any] | None = None,
+        rate: RateBaseline | None = None,
+        enforce_rate: bool = True,
     ) -> None:
         self.policy = policy
         self.keyring = keyring
         self.limits = limits
         self.dedupe = dedupe if dedupe is not None else DedupeWindow()
         self.clock_ms = clock_ms
+        # Destinations with their own public key: sealed so that only they can open it (not the site).
+        self.recipients: Mapping[str, Any] = recipients or {}
+        # Per-device rate and volume baselines: on unless a caller turns them off (load benchmarks).
+        self.rate = rate if rate is not None else (RateBaseline() if enforce_rate else None)
         self._device_cache: dict[str, Any] = {}
         self._cache_for: PolicyLike | None = None
 
@@ -131,10 +139,23 @@ class Pipeline:
             schema = schema_for(entry.device_type, stream)
             if dtype is None or schema is None:
                 raise RejectedMessage("guard.unknown_type", "device type has no schema")
+            code = device_id_suspicious(device, dtype.id_prefix)
+            if code:
+                raise RejectedMessage(code, "device id level is not <prefix>-<digits>")
             if len(payload) > dtype.max_payload:
                 raise RejectedMessage("guard.too_large", f"{len(payload)} bytes > {dtype.max_payload} for type")
+            if self.rate is not None:
+                code = self.rate.observe(device, len(payload), self.clock_ms() / 1000, device_type=entry.device_type)
+                if code:
+                    raise RejectedMessage(code, "beyond the device type's normal rate or volume")
             values = decode(payload, self.limits)
             fields, seq, ts = check_payload(schema, values, now_ms=self.clock_ms())
+            # Covert channels in allowed fields: bytes after an image's end are cut; free text and ids
+            # that look like encoded data are refused.
+            fields, trailers = strip_image_trailers(schema, fields)
+            hits = scan_text_fields(schema, fields)
+            if hits:
+                raise RejectedMessage(hits[0][1], f"field {hits[0][0]}")
         except RejectedMessage as exc:
             out = Outcome(device, stream, seq, ts, reason=exc.code)
             out.record = _record(out, topic, digest, len(payload), policy.revision, detail=exc.detail)
@@ -171,10 +192,16 @@ class Pipeline:
                     projected[name] = _quantise(projected[name], step)
             dest = destinations[route.destination]
             header = Header(device, stream, seq, ts, route.destination, decision.revision)
-            envelope = seal(self.keyring, header, encode_fields(projected))
+            sealer = self.recipients.get(route.destination)
+            if sealer is None:
+                envelope = seal(self.keyring, header, encode_fields(projected))
+            else:
+                envelope = sealer.seal(header, encode_fields(projected))
             topic_out = f"{dest.topic}/{device}/{stream}" if dest.transport == "mqtt" else ""
             out.deliveries.append(Delivery(route.destination, dest.transport, topic_out, envelope))
         out.record = _record(out, topic, digest, len(payload), decision.revision)
+        if trailers:
+            out.record["trailer_cut"] = [[name, n] for name, n in trailers]
         return out
 
 

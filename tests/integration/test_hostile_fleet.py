@@ -246,7 +246,8 @@ def test_leaks_stopped_by_current_gateway(payload_run: Run) -> None:
     identity = [a for a in run.truth.actions if a.action == "connect" and a.secret]
     assert identity and not any(f in run.received.corpus for a in identity for f in secret_forms(a.secret or b""))
     # and they were stopped for the documented reasons
-    assert run.reasons.get("guard.unknown_field", 0) >= len(groups["covert_field"]) + len(groups["prohibited_data"])
+    assert run.reasons.get("guard.unknown_field", 0) >= len(groups["covert_field"])
+    assert run.reasons.get("detect.prohibited_class", 0) >= len(groups["prohibited_data"])
     assert run.reasons.get("guard.topic_stream", 0) >= len(groups["topic_encoding(extra level)"])
     assert run.reasons.get("guard.unknown_device", 0) >= len(groups["topic_encoding(case)"])
 
