@@ -1,7 +1,10 @@
 """``edgeward``: the one command operators use.
 
     edgeward demo [--devices N] [--seconds S] [--json]   broker + gateway + fleet, live view, report
-    edgeward run [--policy DIR] [--state-dir DIR]         a private broker and the gateway, until Ctrl-C
+    edgeward init SITE_DIR --devices N                    a site: CA, certificates, KEK, audit key, policy
+    edgeward run SITE_DIR                                 the site's broker and gateway, until Ctrl-C
+    edgeward sim SITE_DIR --devices N --seconds S         a simulated fleet over mTLS against a running site
+    edgeward devices list|revoke SITE_DIR [ID]            device identities; revocation via the CRL
     edgeward policy check|test|explain|diff ...           the operator's policy tools
     edgeward audit verify DIR                             recompute the hash chain
     edgeward decrypt STATE_DIR                            read the vault back with the site's keys
@@ -53,46 +56,126 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from gateway.runtime.broker import BrokerConfig, MosquittoBroker, free_port
-    from gateway.runtime.reload import PolicyReloader
-    from gateway.runtime.service import Gateway, GatewayConfig
+def _passphrase(confirm: bool = False) -> str:
+    from gateway.crypto.kek import passphrase_from_env_or_file
 
-    state = Path(args.state_dir)
-    policy_path = Path(args.policy)
-    policy = _load_policy(policy_path)
+    return passphrase_from_env_or_file(confirm=confirm)
+
+
+def _open_site(site_dir: str) -> Any:
+    from gateway.site import load_site
+
+    return load_site(Path(site_dir), _passphrase())
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from device_sim import make_fleet
+    from gateway.site import init_site
+
+    ids = list(args.device_id or [])
+    if args.devices:
+        policy = _load_policy(Path(args.policy))
+        ids += [s.device_id for s in make_fleet(args.devices, site=policy.site)]
+    if not ids:
+        raise EdgewardError("no devices: give --devices N (the simulator's naming) or --device-id ID ...")
+    root = init_site(Path(args.site_dir), policy_src=Path(args.policy), devices=ids,
+                     passphrase=_passphrase(confirm=True), device_port=args.device_port,
+                     gateway_port=args.gateway_port)
+    for spec in args.recipient or []:
+        dest, _, path = spec.partition("=")
+        from gateway.runtime.demo import _register_recipient
+
+        _register_recipient(root, dest, Path(path))
+    print(f"site created in {root}: CA, {len(ids)} device certificates, KEK (Argon2id), audit signing key, "
+          f"policy copy, broker listeners devices:{args.device_port} (mTLS) gateway:{args.gateway_port} (loopback)")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from gateway.runtime.reload import PolicyReloader
+    from gateway.runtime.site_runner import SiteRuntime
+
+    site = _open_site(args.site_dir)
+    policy = _load_policy(site.policy_dir)
     shadow = _load_policy(Path(args.shadow)) if args.shadow else None
 
     def log(s: str) -> None:
         print(s, file=sys.stderr, flush=True)
 
     async def main() -> None:
-        broker = MosquittoBroker(BrokerConfig(port=args.port or free_port(), workdir=state / "broker"))
-        broker.start()
-        log(f"broker: 127.0.0.1:{broker.port} (config {broker.conf_path})")
-        try:
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            loop.add_signal_handler(signal.SIGINT, stop.set)
-            loop.add_signal_handler(signal.SIGTERM, stop.set)
-            async with Gateway(GatewayConfig(state_dir=state / "gateway", port=broker.port), policy) as gw:
-                reloader = PolicyReloader(gw, policy_path, _load_policy, log=log)
-                loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reloader.reload_now()))
-                if shadow is not None:
-                    log(f"shadow: candidate {shadow.revision} decides beside the live policy; "
-                        f"divergences -> {gw.start_shadow(shadow)}")
-                if args.record_traffic:
-                    gw.record_traffic(Path(args.record_traffic))
-                    log(f"recording traffic facts to {args.record_traffic}")
-                log(f"gateway: policy {policy.revision}, state {state}; edits to {policy_path} reload; Ctrl-C stops")
-                watcher = asyncio.create_task(reloader.watch(stop), name="policy-watch")
-                await gw.serve(stop)
-                await watcher
-                log(json.dumps(gw.stats.to_json()))
-        finally:
-            broker.stop()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        async with SiteRuntime(site, policy, log=log) as rt:
+            gw = rt.gateway
+            assert gw is not None
+            reloader = PolicyReloader(gw, site.policy_dir, _load_policy, log=log)
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reloader.reload_now()))
+            if shadow is not None:
+                log(f"shadow: candidate {shadow.revision} decides beside the live policy; "
+                    f"divergences -> {gw.start_shadow(shadow)}")
+            if args.record_traffic:
+                gw.record_traffic(Path(args.record_traffic))
+                log(f"recording traffic facts to {args.record_traffic}")
+            log(f"gateway running; edit {site.policy_dir} (or SIGHUP) to reload; Ctrl-C stops")
+            watcher = asyncio.create_task(reloader.watch(stop), name="policy-watch")
+            await gw.serve(stop)
+            await watcher
+            log(json.dumps(gw.stats.to_json()))
 
     asyncio.run(main())
+    return 0
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from device_sim import Fleet, make_fleet
+
+    doc = json.loads((Path(args.site_dir) / "site.json").read_text())
+    port = args.port or int(doc["ports"]["devices"])
+    if not port:
+        raise EdgewardError("the site's device port is chosen at start (0); pass --port")
+    specs = make_fleet(args.devices, site=doc["site"], seed=args.seed)
+    missing = [s.device_id for s in specs if s.device_id not in doc["devices"]]
+    if missing:
+        raise EdgewardError(f"{len(missing)} simulated devices have no certificate at this site (e.g. {missing[0]})")
+    from gateway.crypto.pki import ssl_context_for_device
+
+    root = Path(args.site_dir)
+    fleet = Fleet(specs, port=port, seed=args.seed, rate_scale=args.rate_scale,
+                  tls=lambda spec: ssl_context_for_device(root, spec.device_id),
+                  on_progress=lambda n: print(f"\r  sent {n}", end="", file=sys.stderr, flush=True))
+    truth = asyncio.run(fleet.run(args.seconds))
+    print("", file=sys.stderr)
+    summary = {"devices": len(specs), "sent": truth.sent, "failed": len(truth.failed),
+               "bytes": truth.bytes_sent, "by_type": dict(truth.by_type)}
+    print(json.dumps(summary) if args.json else
+          f"sent {truth.sent} messages ({truth.bytes_sent / 1e6:.1f} MB) from {len(specs)} devices; "
+          f"{len(truth.failed)} failed")
+    return 0 if not truth.failed else 1
+
+
+def _cmd_devices(args: argparse.Namespace) -> int:
+    from gateway.crypto.pki import SiteCA
+
+    root = Path(args.site_dir)
+    ca = SiteCA.load(root / "ca")
+    if args.devices_cmd == "revoke":
+        serials = ca.revoke(args.device_id)
+        pid_file = root / "broker" / "mosquitto.pid"
+        note = ""
+        if pid_file.exists() and pid_file.read_text().strip():
+            import os
+
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGHUP)  # Mosquitto re-reads the CRL
+                note = "; the running broker reloaded its CRL"
+            except ProcessLookupError:
+                pass
+        print(f"revoked {args.device_id} (serial {', '.join(map(str, serials))}){note}")
+        return 0
+    for cert in ca.issued():
+        print(f"{cert.cn:24} {cert.kind:8} serial {cert.serial}")
     return 0
 
 
@@ -100,9 +183,22 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from gateway.audit.chain import verify_chain
 
     path = Path(args.path)
-    if (path / "gateway" / "audit").is_dir():
-        path = path / "gateway" / "audit"
-    elif (path / "audit").is_dir():
+    if (path / "site.json").exists():
+        from gateway.audit.checkpoint import load_verify_key, verify_with_checkpoints
+
+        pub = load_verify_key(path / "keys" / "audit-signing.key.pub")
+        published_path = path / "audit" / "published-checkpoints.jsonl"
+        published = [json.loads(x) for x in published_path.read_text().splitlines() if x.strip()] \
+            if published_path.exists() else []
+        c = verify_with_checkpoints(path / "audit", pub, published=published)
+        if args.json:
+            print(json.dumps(c.to_json()))
+        elif c.ok:
+            print(f"audit chain OK with {c.checkpoints} signed checkpoints ({c.published} published)")
+        else:
+            print("audit chain BROKEN: " + "; ".join(c.errors))
+        return 0 if c.ok else 1
+    if (path / "audit").is_dir():
         path = path / "audit"
     r = verify_chain(path)
     if args.json:
@@ -117,9 +213,12 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
 def _keyring(state: Path) -> Any:
     from gateway.crypto.keys import DataKeyring, load_or_create_kek
 
-    keys = state / "keys" if (state / "keys").is_dir() else state / "gateway" / "keys"
+    if (state / "site.json").exists():
+        site = _open_site(str(state))
+        return DataKeyring(site.keyring_path, site.kek)
+    keys = state / "keys"
     if not (keys / "kek.key").exists():
-        raise EdgewardError(f"no site keys under {state} (expected {keys}/kek.key)")
+        raise EdgewardError(f"no site keys under {state} (expected site.json or {keys}/kek.key)")
     return DataKeyring(keys / "datakeys.jsonl", load_or_create_kek(keys / "kek.key"))
 
 
@@ -130,7 +229,7 @@ def _cmd_decrypt(args: argparse.Namespace) -> int:
 
     state = Path(args.state_dir)
     ring = _keyring(state)
-    vault = state / "vault" if (state / "vault").is_dir() else state / "gateway" / "vault"
+    vault = state / "vault"
     n = 0
     for env in read_vault(vault):
         header, pt = open_envelope(ring, env)
@@ -155,8 +254,11 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     elif args.keys_cmd == "destroy":
         ring.destroy(args.kid)
         print(f"data key {args.kid} destroyed; everything sealed under it is unreadable")
+    import datetime as _dt
+
     for kid, created, current in ring.list():
-        print(f"{kid}  created {created:.0f}{'  (current)' if current else ''}")
+        when = _dt.datetime.fromtimestamp(created, _dt.timezone.utc).isoformat(timespec="seconds")
+        print(f"{kid}  created {when}{'  (current)' if current else ''}")
     return 0
 
 
@@ -176,23 +278,52 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     d.set_defaults(func=_cmd_demo)
 
-    r = sub.add_parser("run", help="a private broker and the gateway, until Ctrl-C (SIGHUP reloads the policy)")
-    r.add_argument("--policy", default="policies")
-    r.add_argument("--state-dir", default=".edgeward")
-    r.add_argument("--port", type=int, default=0, help="loopback port for the broker (default: a free one)")
+    i = sub.add_parser("init", help="create a site: CA, certificates, passphrase-protected KEK, audit key, policy")
+    i.add_argument("site_dir")
+    i.add_argument("--policy", default="policies")
+    i.add_argument("--devices", type=int, default=0, help="register N devices named as the simulator names them")
+    i.add_argument("--device-id", action="append", help="register this device id (repeatable)")
+    i.add_argument("--device-port", type=int, default=18883, help="the devices' mTLS listener")
+    i.add_argument("--gateway-port", type=int, default=11883, help="the gateway's loopback listener")
+    i.add_argument("--recipient", action="append", metavar="DEST=PUBKEY",
+                   help="seal DEST's data to this X25519 public key (PEM) so only it can read it")
+    i.set_defaults(func=_cmd_init)
+
+    r = sub.add_parser("run", help="the site's broker and gateway, until Ctrl-C (policy edits and SIGHUP reload)")
+    r.add_argument("site_dir")
     r.add_argument("--shadow", help="a candidate policy to run in shadow (never enforced; divergences reported)")
     r.add_argument("--record-traffic", help="append the facts of every decided message here (JSON lines)")
     r.set_defaults(func=_cmd_run)
 
+    sm = sub.add_parser("sim", help="run a simulated fleet against a running site (devices over mTLS)")
+    sm.add_argument("site_dir")
+    sm.add_argument("--devices", type=int, default=50)
+    sm.add_argument("--seconds", type=float, default=30.0)
+    sm.add_argument("--rate-scale", type=float, default=1.0)
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--port", type=int, default=0, help="the devices' listener (default: from site.json)")
+    sm.add_argument("--json", action="store_true")
+    sm.set_defaults(func=_cmd_sim)
+
+    dv = sub.add_parser("devices", help="the site's device identities")
+    dvsub = dv.add_subparsers(dest="devices_cmd", required=True)
+    dl = dvsub.add_parser("list", help="every issued certificate")
+    dl.add_argument("site_dir")
+    dl.set_defaults(func=_cmd_devices)
+    dr = dvsub.add_parser("revoke", help="revoke a device's certificate (CRL); the running broker reloads it")
+    dr.add_argument("site_dir")
+    dr.add_argument("device_id")
+    dr.set_defaults(func=_cmd_devices)
+
     a = sub.add_parser("audit", help="audit log tools")
     asub = a.add_subparsers(dest="audit_cmd", required=True)
     av = asub.add_parser("verify", help="recompute the hash chain; exit 1 on any modification")
-    av.add_argument("path", help="an audit directory or a state directory")
+    av.add_argument("path", help="a site directory (checks signed checkpoints too) or an audit directory")
     av.add_argument("--json", action="store_true")
     av.set_defaults(func=_cmd_audit_verify)
 
     dc = sub.add_parser("decrypt", help="read the vault back with the site's keys (JSON lines)")
-    dc.add_argument("state_dir")
+    dc.add_argument("state_dir", help="a site directory (asks for the passphrase) or a test state directory")
     dc.add_argument("--device")
     dc.add_argument("--limit", type=int, default=0)
     dc.set_defaults(func=_cmd_decrypt)

@@ -144,6 +144,8 @@ class BrokerConfig:
                 f"keyfile {t.keyfile}",
                 "require_certificate true",
                 "use_identity_as_username true",
+                "# ...and the client id too: a device cannot take over another device's session.",
+                "use_username_as_clientid true",
                 "allow_anonymous false",
             ]
             if t.crlfile is not None:

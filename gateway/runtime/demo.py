@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -26,7 +28,7 @@ import msgpack
 from gateway.audit.chain import iter_records, verify_chain
 from gateway.codec import encode
 from gateway.pipeline import PolicyLike
-from gateway.runtime.broker import BrokerConfig, MosquittoBroker, free_port, mosquitto_binary
+from gateway.runtime.broker import MosquittoBroker, mosquitto_binary
 from gateway.runtime.mqtt import MqttClient
 from gateway.runtime.receiver import DestinationReceiver
 from gateway.runtime.service import Gateway, GatewayConfig
@@ -54,23 +56,28 @@ def _percentile(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
 
-def _bad_inputs(site: str, now_ms: int) -> list[tuple[str, str, bytes]]:
-    """(what, topic, payload): one of each kind of bad input a device can send."""
-    good = {"seq": 1, "ts": now_ms, "sample_id": "S1000001", "substances": [], "alarm": False}
+def _bad_inputs(site: str, device: str, now_ms: int) -> list[tuple[str, str, bytes]]:
+    """(what, topic, payload): one of each kind of bad input a trace detector can send."""
+    good = {"seq": 10**9, "ts": now_ms, "sample_id": "S1000001", "substances": [], "alarm": False}
+    own = f"site/{site}/dev/{device}/result"
     return [
-        ("malformed MessagePack", f"site/{site}/dev/et-00004/result", b"\x85\xa3seq\xc1\xc1"),
-        ("payload over its size limit", f"site/{site}/dev/et-00004/result", encode({**good, "substances": ["x" * 60] * 200})),
-        ("unknown device", f"site/{site}/dev/zz-99999/result", encode(good)),
-        ("field not in the schema", f"site/{site}/dev/et-00004/result", encode({**good, "exfil": "c2VjcmV0"})),
-        ("topic outside the namespace", f"site/{site}/dev/et-00004/result/x", encode(good)),
+        ("malformed MessagePack", own, b"\x85\xa3seq\xc1\xc1"),
+        ("payload over its size limit", own, encode({**good, "substances": ["x" * 60] * 200})),
+        ("into another (unknown) device's namespace", f"site/{site}/dev/zz-99999/result", encode(good)),
+        ("field not in the schema", own, encode({**good, "exfil": "c2VjcmV0"})),
+        ("topic outside the stream layout", own + "/x", encode(good)),
     ]
 
 
 async def run_demo(opts: DemoOptions, *, load_policy: Callable[[Path], PolicyLike],
                    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict[str, Any]:
+    """A throw-away site (CA, certificates, passphrase-wrapped KEK, signed audit) in a temporary
+    directory, run exactly as ``edgeward run`` runs a site: devices over mutual TLS."""
     from device_sim import Fleet, make_fleet  # the simulator is a client of the broker, not of the gateway
+    from gateway.crypto.recipient import RecipientOpener, generate_recipient_key, load_private_key
+    from gateway.runtime.site_runner import SiteRuntime
+    from gateway.site import init_site, load_site
 
-    policy = load_policy(opts.policy_path)
     tmp = None
     if opts.state_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="edgeward-demo-")
@@ -78,36 +85,50 @@ async def run_demo(opts: DemoOptions, *, load_policy: Callable[[Path], PolicyLik
     else:
         root = opts.state_dir
         root.mkdir(parents=True, exist_ok=True)
-    broker = MosquittoBroker(BrokerConfig(port=free_port(), workdir=root / "broker"))
-    broker.start()
-    version = _broker_version()
-    log(f"edgeward demo: {version} on 127.0.0.1:{broker.port} (private, rendered config {broker.conf_path})")
     try:
-        gw = Gateway(GatewayConfig(state_dir=root / "gateway", port=broker.port), policy)
-        rx = DestinationReceiver("127.0.0.1", broker.port, gw.keyring)
-        await rx.start()
-        stop = asyncio.Event()
-        async with gw:
+        policy = load_policy(opts.policy_path)
+        specs = make_fleet(opts.devices, site=policy.site, seed=opts.seed)
+        passphrase = secrets.token_urlsafe(24)  # in memory only: this site lives as long as the demo
+        t_init = time.monotonic()
+        site_dir = init_site(root / "site", policy_src=opts.policy_path, devices=[s.device_id for s in specs],
+                             passphrase=passphrase, device_port=0, gateway_port=0)
+        # The customs system hands the site its public key: its data is sealed so only it can read it.
+        priv, pub = generate_recipient_key(root / "customs-system", "customs_nl")
+        _register_recipient(site_dir, "customs_nl", pub)
+        site = load_site(site_dir, passphrase)
+        policy = load_policy(site.policy_dir)
+        log(f"edgeward demo: site {site.name} created in {time.monotonic() - t_init:.1f}s "
+            f"(CA, {len(specs)} device certificates, Argon2id-wrapped KEK, audit signing key)")
+        async with SiteRuntime(site, policy, log=log) as rt:
+            assert rt.broker is not None and rt.gateway is not None
+            gw = rt.gateway
+            version = _broker_version()
+            rx = DestinationReceiver("127.0.0.1", rt.gateway_port, gw.keyring, client_id="edgeward-destinations",
+                                     username="edgeward-operator", password=rt.operator_password,
+                                     openers={"customs_nl": RecipientOpener(load_private_key(priv))})
+            await rx.start()
+            stop = asyncio.Event()
             serve = asyncio.create_task(gw.serve(stop), name="gateway-serve")
-            log(f"gateway up: policy revision {policy.revision}, site {policy.site}, "
-                f"{len(policy.destinations)} destinations; fleet of {opts.devices} devices for {opts.seconds:g}s")
+            log(f"gateway up: {version}, policy revision {policy.revision}, {len(policy.destinations)} destinations "
+                f"(customs_nl sealed to its own key); fleet of {opts.devices} devices over mTLS for {opts.seconds:g}s")
             sent_box = [0]
             fleet = Fleet(
-                make_fleet(opts.devices, site=policy.site, seed=opts.seed),
-                port=broker.port,
+                specs,
+                port=rt.device_port,
                 seed=opts.seed,
                 rate_scale=opts.rate_scale,
+                tls=lambda spec: site.device_ssl_context(spec.device_id),
                 on_progress=lambda n: sent_box.__setitem__(0, n),
             )
             t0 = time.monotonic()
             progress = asyncio.create_task(_progress(gw, rx, sent_box, t0, opts, log), name="demo-progress")
-            bad = []
+            bad: dict[str, int] = {}
             if opts.bad_inputs:
-                bad = await _send_bad_inputs(broker.port, policy.site)
+                tracer = next(s.device_id for s in specs if s.device_type == "trace_detector")
+                bad = await _send_bad_inputs(rt.device_port, site.device_ssl_context(tracer), policy.site, tracer)
             truth = await fleet.run(opts.seconds)
             elapsed_fleet = time.monotonic() - t0
             drained = await gw.drain(timeout=60)
-            # let the destinations take the last acknowledged publishes
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and rx.total < sum(
                 n for d, n in gw.stats.forwarded.items() if policy.destinations[d].transport == "mqtt"
@@ -120,27 +141,50 @@ async def run_demo(opts: DemoOptions, *, load_policy: Callable[[Path], PolicyLik
                 log("")
             stop.set()
             await serve
-        await rx.stop()
-        return _report(opts, broker, version, gw, rx, truth, bad, elapsed_fleet, drained, root)
+            await rx.stop()
+            report = _report(opts, rt.broker, version, gw, rx, truth, bad, elapsed_fleet, drained, site.root)
+        report["audit_checkpoints"] = _verify_signed(site)
+        report["audit_ok"] = report["audit_ok"] and report["audit_checkpoints"]["ok"]
+        return report
     finally:
-        broker.stop()
         if tmp is not None:
             tmp.cleanup()
 
 
-async def _send_bad_inputs(port: int, site: str) -> list[str]:
-    client = MqttClient(host="127.0.0.1", port=port, client_id="demo-bad-input", clean_start=True, session_expiry=0)
+def _register_recipient(site_dir: Path, destination: str, public_key: Path) -> None:
+    doc = json.loads((site_dir / "site.json").read_text())
+    rel = Path("recipients") / f"{destination}.pub"
+    (site_dir / rel).parent.mkdir(exist_ok=True)
+    (site_dir / rel).write_bytes(public_key.read_bytes())
+    doc.setdefault("recipients", {})[destination] = str(rel)
+    (site_dir / "site.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def _verify_signed(site: Any) -> dict[str, Any]:
+    from gateway.audit.checkpoint import verify_with_checkpoints
+
+    published = []
+    if site.checkpoints_path.exists():
+        published = [json.loads(line) for line in site.checkpoints_path.read_text().splitlines() if line.strip()]
+    r = verify_with_checkpoints(site.audit_dir, site.audit_verify_key(), published=published)
+    return {"ok": r.ok, "checkpoints": r.checkpoints, "published": r.published, "error": r.error}
+
+
+async def _send_bad_inputs(port: int, tls: Any, site: str, device: str) -> dict[str, int]:
+    """Bad input from a real device identity (its own certificate): what the broker refuses by ACL
+    and what reaches the gateway's guards."""
+    client = MqttClient(host="127.0.0.1", port=port, client_id=f"{device}-diagnostics", clean_start=True,
+                        session_expiry=0, ssl=tls)
     await client.connect()
-    sent = []
-    for what, topic, payload in _bad_inputs(site, int(time.time() * 1000)):
+    items = _bad_inputs(site, device, int(time.time() * 1000))
+    for _, topic, payload in items:
         client.publish(topic, payload)
-        sent.append(what)
     client.flush()
     deadline = time.monotonic() + 5
     while client.pending_out and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     await client.disconnect()
-    return sent
+    return {"sent": len(items), "refused_by_broker": client.refused_out}
 
 
 async def _progress(gw: Gateway, rx: DestinationReceiver, sent: list[int], t0: float, opts: DemoOptions,
@@ -169,17 +213,17 @@ def _broker_version() -> str:
 
 def _report(opts: DemoOptions, broker: MosquittoBroker, version: str, gw: Gateway, rx: DestinationReceiver,
             truth: Any, bad: list[str], elapsed: float, drained: bool, root: Path) -> dict[str, Any]:
-    audit_dir = root / "gateway" / "audit"
+    audit_dir = root / "audit"
     verified = verify_chain(audit_dir)
     seen: set[tuple[str, int]] = set()
     for rec in iter_records(audit_dir):
-        if "dev" in rec and rec.get("reason", "dedupe.duplicate") == "dedupe.duplicate":
+        if "routes" in rec or rec.get("reason") == "dedupe.duplicate":
             seen.add((rec["dev"], rec["seq"]))
     sent_keys = [(r.device_id, r.seq) for r in truth.sent_records]
     unaccounted = sum(1 for k in sent_keys if k not in seen)
     # Every envelope the gateway forwarded must have arrived; the vault is read back from disk.
     vault_keys: Counter[tuple[str, str, int]] = Counter()
-    for env in read_vault(root / "gateway" / "vault"):
+    for env in read_vault(root / "vault"):
         h = msgpack.unpackb(msgpack.unpackb(env)["h"])
         vault_keys[(h[0], h[1], h[2])] += 1
     vault_dups = sum(n - 1 for n in vault_keys.values() if n > 1)
@@ -194,8 +238,10 @@ def _report(opts: DemoOptions, broker: MosquittoBroker, version: str, gw: Gatewa
         blocked[key.split(":", 1)[1]] += n
     lat = rx.latencies_ms
     return {
-        "broker": {"version": version, "host": "127.0.0.1", "port": broker.port, "config": "rendered by edgeward",
-                   "tls": False, "dropped": s.broker_dropped},
+        "broker": {"version": version, "host": "127.0.0.1", "gateway_port": broker.port,
+                   "device_port": broker.config.tls.port if broker.config.tls else None,
+                   "config": "rendered by edgeward", "tls": broker.config.tls is not None,
+                   "acl": "rendered from the policy", "dropped": s.broker_dropped},
         "policy_revision": pol.revision,
         "devices": opts.devices,
         "seconds": opts.seconds,
@@ -207,7 +253,7 @@ def _report(opts: DemoOptions, broker: MosquittoBroker, version: str, gw: Gatewa
         "at_destinations": dict(sorted(rx.counts.items())),
         "blocked": dict(sorted(blocked.items())),
         "fields_removed": dict(sorted(s.removed.items())),
-        "bad_inputs_sent": len(bad),
+        "bad_inputs": bad,
         "lost": unaccounted + undelivered + vault_missing + s.broker_dropped,
         "duplicates": rx.duplicates + vault_dups,
         "undecryptable": rx.undecryptable,
@@ -225,8 +271,8 @@ def format_summary(r: dict[str, Any]) -> str:
     lines = [
         "",
         "Edgeward demo — summary",
-        f"  broker            {r['broker']['version']} on {r['broker']['host']}:{r['broker']['port']} "
-        f"(private; dropped {r['broker']['dropped']})",
+        f"  broker            {r['broker']['version']}, private: devices mTLS 127.0.0.1:{r['broker']['device_port']}, "
+        f"gateway 127.0.0.1:{r['broker']['gateway_port']}; ACL from the policy; dropped {r['broker']['dropped']}",
         f"  policy            revision {r['policy_revision']}",
         f"  fleet             {r['devices']} devices for {r['seconds']:g}s, sent {r['sent']} messages",
         f"  gateway           received {r['received']}, decided {r['decided']}, {r['msgs_per_s']} msg/s",
@@ -238,6 +284,9 @@ def format_summary(r: dict[str, Any]) -> str:
         f"  duplicates        {r['duplicates']}",
         f"  latency           p50 {r['latency_ms']['p50']} ms, p99 {r['latency_ms']['p99']} ms "
         f"({r['latency_ms']['basis']})",
-        f"  audit chain       {r['audit_records']} records, verified: {ok}",
+        f"  bad input         {r['bad_inputs'].get('sent', 0)} sent as a real device, "
+        f"{r['bad_inputs'].get('refused_by_broker', 0)} refused by the broker's ACL, the rest blocked above",
+        f"  audit chain       {r['audit_records']} records, {r['audit_checkpoints']['checkpoints']} signed checkpoints "
+        f"({r['audit_checkpoints']['published']} published), verified: {ok}",
     ]
     return "\n".join(lines)

@@ -44,12 +44,16 @@ class DestinationReceiver:
     undecryptable: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     messages: list[Received] = field(default_factory=list)
+    openers: dict[str, Any] = field(default_factory=dict)  # destination -> RecipientOpener
+    username: str | None = None
+    password: bytes | None = field(default=None, repr=False)
     _seen: set[tuple[str, str, str, int]] = field(default_factory=set)
     _client: MqttClient | None = None
 
     async def start(self) -> None:
         self._client = MqttClient(
-            host=self.host, port=self.port, client_id=self.client_id, on_messages=self._on_messages
+            host=self.host, port=self.port, client_id=self.client_id, on_messages=self._on_messages,
+            username=self.username, password=self.password,
         )
         await self._client.connect()
         await self._client.subscribe((self.topic_filter, 1))
@@ -67,7 +71,12 @@ class DestinationReceiver:
         assert self._client is not None
         for m in batch:
             try:
-                header, plaintext = open_envelope(self.keyring, m.payload)
+                parts = m.topic.split("/")
+                opener = self.openers.get(parts[2]) if len(parts) > 2 else None
+                if opener is not None:
+                    header, plaintext = opener.open(m.payload)
+                else:
+                    header, plaintext = open_envelope(self.keyring, m.payload)
                 fields = decode(plaintext)
             except (CryptoError, Exception):  # noqa: BLE001 - counted, never trusted
                 self.undecryptable += 1

@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from gateway.audit.chain import AuditLog
+from gateway.audit.checkpoint import Checkpointer
 from gateway.crypto.keys import DataKeyring, load_or_create_kek
+from gateway.crypto.recipient import RecipientSealer
+from gateway.detect import RateBaseline
 from gateway.errors import BrokerError
 from gateway.pipeline import Pipeline, PolicyLike
 from gateway.policy.shadow import shadow_divergences
@@ -50,6 +53,18 @@ class GatewayConfig:
     max_pending: int = 20_000  # uplink publishes not yet acknowledged before ingest pauses
     key_max_messages: int = 2**24
     key_max_age_s: float = 24 * 3600.0
+    # A site (edgeward init) supplies these; without them (tests) a local KEK file is generated.
+    password: bytes | None = field(default=None, repr=False)
+    kek: bytes | None = field(default=None, repr=False)
+    audit_signing_key: Any = field(default=None, repr=False)  # Ed25519 private key -> signed checkpoints
+    site_name: str = ""
+    checkpoint_topic: str = "edgeward/audit/checkpoints"
+    checkpoint_every_records: int = 10_000
+    checkpoint_every_s: float = 60.0
+    recipient_keys: dict[str, Any] = field(default_factory=dict)  # destination -> X25519 public key
+    # Per-device rate/volume baseline: a device beyond `headroom` x its type's normal traffic (after
+    # a burst allowance) is refused with detect.burst / detect.volume. None turns it off (load tests).
+    rate_headroom: float | None = 2.5
 
 
 @dataclass
@@ -97,7 +112,7 @@ class Gateway:
         self.stats = GatewayStats()
         self._clock = clock
         state = config.state_dir
-        kek = load_or_create_kek(state / "keys" / "kek.key")
+        kek = config.kek if config.kek is not None else load_or_create_kek(state / "keys" / "kek.key")
         self.keyring = DataKeyring(
             state / "keys" / "datakeys.jsonl",
             kek,
@@ -106,13 +121,30 @@ class Gateway:
             clock=clock,
         )
         self.audit = AuditLog(state / "audit")
+        self.checkpointer: Checkpointer | None = None
+        self._record: Callable[[dict[str, Any]], str] = self.audit.append
+        if config.audit_signing_key is not None:
+            self.checkpointer = Checkpointer(
+                self.audit,
+                config.audit_signing_key,
+                site=config.site_name,
+                every_records=config.checkpoint_every_records,
+                every_s=config.checkpoint_every_s,
+                clock=clock,
+                publish=self._publish_checkpoint,
+            )
+            self._record = self.checkpointer.append
         self.vault = VaultWriter(state / "vault")
-        self.pipeline = Pipeline(policy, self.keyring, clock_ms=lambda: int(clock() * 1000))
+        recipients = {d: RecipientSealer(k) for d, k in config.recipient_keys.items()}
+        rate = RateBaseline(headroom=config.rate_headroom) if config.rate_headroom else None
+        self.pipeline = Pipeline(policy, self.keyring, clock_ms=lambda: int(clock() * 1000), recipients=recipients,
+                                 rate=rate, enforce_rate=rate is not None)
         self.ingest = MqttClient(
             host=config.host,
             port=config.port,
             client_id=config.client_id,
             username=config.username,
+            password=config.password,
             on_messages=self._on_messages,
         )
         self.uplink = MqttClient(
@@ -120,6 +152,7 @@ class Gateway:
             port=config.uplink_port or config.port,
             client_id=config.client_id + "-uplink",
             username=config.username,
+            password=config.password,
             on_ack=self._on_uplink_ack,
         )
         # uplink pid -> (ingest generation, ingest pid); ingest pid -> [outstanding uplink acks, t0]
@@ -127,6 +160,7 @@ class Gateway:
         self._pending: dict[int, list[float]] = {}
         self._generation = 0
         self._paused = False
+        self._closing = False
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         # Shadow mode: a candidate policy decides every message beside the live one, never enforced.
@@ -180,8 +214,14 @@ class Gateway:
         self.audit.append({"event": "policy.activated", "rev": policy.revision, "previous": old})
 
     def audit_event(self, record: dict[str, Any]) -> None:
-        self.audit.append(record)
+        self._record(record)
         self.audit.flush(now=self._clock())
+
+    def _publish_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Signed checkpoints leave the gateway at once: truncating the log behind one is detectable."""
+        if self.uplink.connected:
+            self.uplink.publish(self.config.checkpoint_topic, json.dumps(checkpoint, sort_keys=True).encode())
+            self.uplink.flush()
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Gateway:
@@ -193,9 +233,11 @@ class Gateway:
         await self.close()
 
     async def _connect(self) -> None:
+        # A new generation before the ingest connects: a resumed session redelivers at once, before
+        # SUBSCRIBE returns, and those messages belong to this connection.
+        self._generation += 1
         await self.uplink.connect()
         await self.ingest.connect()
-        self._generation += 1
         site = self.pipeline.policy.site
         topic = f"site/{site}/dev/#"
         if self.config.share_group:
@@ -241,6 +283,17 @@ class Gateway:
         return False
 
     async def close(self) -> None:
+        """Graceful stop: take no new messages, finish and acknowledge those in hand, then leave.
+        Whatever is still unacknowledged stays in the broker's session for the next start."""
+        transport = self.ingest.transport
+        if transport is not None and self.ingest.connected:
+            transport.pause_reading()
+            await self.drain(timeout=10)
+            self.ingest.flush()
+            # Read again (the disconnect handshake needs the PINGRESP) but leave any new PUBLISH
+            # unacknowledged: the broker keeps it for the next start.
+            self._closing = True
+            transport.resume_reading()
         for c in (self.ingest, self.uplink):
             with contextlib.suppress(Exception):
                 await c.disconnect()
@@ -252,6 +305,8 @@ class Gateway:
     async def _syncer(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await asyncio.sleep(1.0)
+            if self.checkpointer is not None:
+                self.checkpointer.tick()
             self.audit.flush(sync=True)
             self.vault.flush(sync=True)
             for f in (self._shadow_log, self._traffic):
@@ -269,9 +324,11 @@ class Gateway:
 
     # ------------------------------------------------------------------ the hot path
     def _on_messages(self, batch: list[Message]) -> None:
+        if self._closing:
+            return
         stats = self.stats
         pipeline = self.pipeline
-        audit_append = self.audit.append
+        audit_append = self._record
         vault_append = self.vault.append
         uplink_publish = self.uplink.publish
         ready: list[int] = []

@@ -13,6 +13,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from gateway.crypto.envelope import Header
 from gateway.crypto.recipient import (
+    RecipientOpener,
+    RecipientSealer,
     generate_recipient_key,
     key_id,
     load_private_key,
@@ -110,3 +112,22 @@ def test_public_key_from_policy_text(keys) -> None:  # type: ignore[no-untyped-d
     assert open_sealed(priv, seal_for(k, b"x"), b"") == b"x"
     with pytest.raises(KeyFileError):
         public_key_from_text("not a key")
+
+
+
+def test_recipient_sealer_rotates_and_only_the_recipient_opens(tmp_path: Path) -> None:
+    priv_a, pub_a = generate_recipient_key(tmp_path, "customs")
+    priv_b, _ = generate_recipient_key(tmp_path, "other")
+    sealer = RecipientSealer(load_public_key(pub_a), max_messages=3)
+    hdr = Header("xr-00001", "result", 1, 2, "customs", "rev")
+    envs = [sealer.seal(hdr, f"m{i}".encode()) for i in range(7)]
+    assert len({msgpack.unpackb(e)["dkid"] for e in envs}) == 3  # rotated by volume
+    opener = RecipientOpener(load_private_key(priv_a))
+    assert [opener.open(e)[1] for e in reversed(envs)] == [f"m{i}".encode() for i in reversed(range(7))]
+    assert b"m1" not in envs[1]
+    with pytest.raises(CryptoError):
+        RecipientOpener(load_private_key(priv_b)).open(envs[0])
+    env = msgpack.unpackb(envs[0])
+    env["h"] = Header("xr-00002", "result", 1, 2, "customs", "rev").pack()
+    with pytest.raises(CryptoError):
+        RecipientOpener(load_private_key(priv_a)).open(msgpack.packb(env))

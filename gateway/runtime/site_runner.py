@@ -1,0 +1,149 @@
+"""A site, running: its Mosquitto (mTLS for devices, password on loopback for the gateway, the ACL
+rendered from the policy) and its gateway (site KEK, signed audit checkpoints, recipient keys).
+
+``edgeward run``, ``edgeward demo`` and the integration tests all come through here, so what the
+demo shows is what a site runs. The operator identity (``edgeward-operator``) reads ``edgeward/#``:
+alerts, published checkpoints (kept in ``audit/published-checkpoints.jsonl`` for ``audit verify``)
+and, in the demo, the destinations' stand-ins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.crypto.pki import GATEWAY_CN
+from gateway.crypto.recipient import load_public_key
+from gateway.runtime.broker import MosquittoBroker
+from gateway.runtime.mqtt import Message, MqttClient
+from gateway.runtime.service import Gateway, GatewayConfig
+from gateway.site import Site, mosquitto_password_line
+
+__all__ = ["OPERATOR_USER", "SiteRuntime", "render_site_acl", "recipient_keys"]
+
+OPERATOR_USER = "edgeward-operator"
+
+
+def render_site_acl(policy: Any) -> str:
+    """The policy's ACL, plus what the runtime itself needs: the gateway reads the broker's drop
+    counter; the operator identity reads the gateway's own topics (alerts, checkpoints, uplinks)."""
+    return (
+        policy.render_acl().rstrip("\n")
+        + "\n\n# Runtime needs (rendered by edgeward.runtime.site_runner).\n"
+        + f"user {GATEWAY_CN}\n"
+        + "topic read $SYS/broker/publish/messages/dropped\n\n"
+        + f"user {OPERATOR_USER}\n"
+        + "topic read edgeward/#\n"
+    )
+
+
+def recipient_keys(site: Site, policy: Any) -> dict[str, Any]:
+    """Destination -> X25519 public key: the policy's ``recipient_key`` (relative to the policy
+    directory) and the site's ``recipients`` in site.json (``edgeward init --recipient``)."""
+    out: dict[str, Any] = {}
+    doc = json.loads((site.root / "site.json").read_text())
+    for dest, rel in doc.get("recipients", {}).items():
+        out[dest] = load_public_key(site.root / rel)
+    for name, d in policy.destinations.items():
+        if getattr(d, "recipient_key", None):
+            out[name] = load_public_key((site.policy_dir / d.recipient_key).resolve())
+    return out
+
+
+@dataclass
+class SiteRuntime:
+    """``async with SiteRuntime(site, policy) as rt``: broker + gateway up; ``rt.device_port``."""
+
+    site: Site
+    policy: Any
+    log: Callable[[str], None] = lambda s: None
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    broker: MosquittoBroker | None = None
+    gateway: Gateway | None = None
+    operator_password: bytes = field(default_factory=lambda: secrets.token_urlsafe(24).encode(), repr=False)
+    _operator: MqttClient | None = None
+
+    @property
+    def device_port(self) -> int:
+        assert self.broker is not None and self.broker.config.tls is not None
+        return self.broker.config.tls.port
+
+    @property
+    def gateway_port(self) -> int:
+        assert self.broker is not None
+        return self.broker.port
+
+    def device_ssl(self, device_id: str) -> ssl.SSLContext:
+        return self.site.device_ssl_context(device_id)
+
+    async def __aenter__(self) -> SiteRuntime:
+        site = self.site
+        site.broker_dir.mkdir(parents=True, exist_ok=True)
+        acl = site.broker_dir / "acl"
+        acl.write_text(render_site_acl(self.policy))
+        config = site.broker_config(acl_file=acl)
+        assert config.password_file is not None
+        with open(config.password_file, "a") as f:  # the operator's password exists only in memory here
+            f.write(mosquitto_password_line(OPERATOR_USER, self.operator_password.decode()))
+        self.broker = MosquittoBroker(config)
+        self.broker.start()
+        (site.broker_dir / "mosquitto.pid").write_text(str(self.broker.proc.pid if self.broker.proc else ""))
+        user, password = site.gateway_credentials()
+        gw_config = GatewayConfig(
+            state_dir=site.root,
+            port=self.broker.port,
+            username=user,
+            password=password,
+            kek=site.kek,
+            audit_signing_key=site.audit_signing_key(),
+            site_name=site.name,
+            recipient_keys=recipient_keys(site, self.policy),
+            **self.config_overrides,
+        )
+        # Published checkpoints are kept by the operator side, outside the gateway's reach.
+        self._operator = self.operator_client("edgeward-operator-checkpoints", self._on_operator)
+        await self._operator.connect()
+        await self._operator.subscribe((gw_config.checkpoint_topic, 1))
+        self.gateway = Gateway(gw_config, self.policy)
+        await self.gateway.__aenter__()
+        self.log(
+            f"site {site.name}: broker devices mTLS 127.0.0.1:{self.device_port}, gateway 127.0.0.1:{self.broker.port}; "
+            f"policy {self.policy.revision}"
+        )
+        return self
+
+    def operator_client(self, client_id: str, on_messages: Callable[[list[Message]], None]) -> MqttClient:
+        assert self.broker is not None
+        return MqttClient(host="127.0.0.1", port=self.broker.port, client_id=client_id, username=OPERATOR_USER,
+                          password=self.operator_password, on_messages=on_messages)
+
+    def _on_operator(self, batch: list[Message]) -> None:
+        path = self.site.checkpoints_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab") as f:
+            for m in batch:
+                f.write(m.payload.rstrip(b"\n") + b"\n")
+        assert self._operator is not None
+        for m in batch:
+            if m.packet_id is not None:
+                self._operator.ack(m.packet_id)
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            if self.gateway is not None:
+                if self.gateway.checkpointer is not None and self.gateway.uplink.connected:
+                    self.gateway.checkpointer.checkpoint()  # a final signed checkpoint on clean shutdown
+                    await self.gateway.drain(5)
+                    await asyncio.sleep(0.2)  # let the operator side take it before the broker stops
+                await self.gateway.close()
+            if self._operator is not None:
+                await self._operator.disconnect()
+        finally:
+            if self.broker is not None:
+                self.broker.stop()
+
