@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import re
 from itertools import chain, repeat
+from operator import itemgetter
 from collections.abc import Iterable
 from typing import Any
 
@@ -323,9 +324,7 @@ def _fast_devices(items: list[Any], known_types: set[str], vendors: dict[str, An
         three = set(map(len, items)) == {3}
         if not three and not all(map(_DEVICE_FAST_KEYS.issuperset, items)):
             return None
-        ids = [x["id"] for x in items]
-        types = [x["type"] for x in items]
-        vends = [x["vendor"] for x in items]
+        ids, types, vends = map(list, zip(*map(itemgetter("id", "type", "vendor"), items)))
         maint: list[Any] = [None] * len(items) if three else [x.get("maintenance") for x in items]
         if not _plain_names(ids, _DEVICE_CHARS_RE):
             return None
@@ -349,9 +348,7 @@ def _fast_grants(items: list[Any], taken: dict[str, Path], first_order: int) -> 
     try:
         if not items or set(map(type, items)) != {dict} or set(map(len, items)) != {3}:
             return None  # exactly three keys, each looked up below: id, devices, topics
-        ids = [x["id"] for x in items]
-        devs = [x["devices"] for x in items]
-        tops = [x["topics"] for x in items]
+        ids, devs, tops = map(list, zip(*map(itemgetter("id", "devices", "topics"), items)))
         if set(map(type, devs)) != {list} or set(map(type, tops)) != {list} or not all(devs):
             return None
         if not _plain_names(ids, _ID_CHARS_RE) or len(set(ids)) != len(ids) or not taken.keys().isdisjoint(ids):
@@ -661,8 +658,11 @@ def validate(doc: Document) -> tuple[PolicySpec | None, list[Diagnostic]]:
         ))
 
     rule_order = {b: -len(BUILTIN_RULES) + i for i, b in enumerate(BUILTIN_RULES)}
-    for group in (denylist, device_types.values(), grants, rules):  # registry entries never decide a route
-        rule_order.update(zip([r.rule_id for r in group], [r.order for r in group]))
+    # registry entries never decide a route, so they have no place here
+    rule_order.update(map(itemgetter(1, 2), denylist))  # DenySpec: (pattern, rule_id, order)
+    rule_order.update(map(itemgetter(0, 1), grants))  # GrantSpec: (rule_id, order, ...)
+    for group in (device_types.values(), rules):
+        rule_order.update((r.rule_id, r.order) for r in group)
     for d in destinations:
         for o in d.obligations:
             rule_order[o.rule_id] = o.order
