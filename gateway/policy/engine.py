@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from types import MappingProxyType
@@ -208,13 +208,14 @@ class _DestPlan:
 class Policy:
     """A compiled, validated policy revision. Build it with ``compile_policy`` or ``load_policy``."""
 
-    def __init__(self, spec: PolicySpec, *, revision: str, source: str, warnings: list[Diagnostic]) -> None:
+    def __init__(self, spec: PolicySpec, *, revision: str, source: str,
+                 warnings: list[Diagnostic] | Callable[[], list[Diagnostic]]) -> None:
         self.spec = spec
         self.revision = revision
         self.source = source
         self.site = spec.site
         self.jurisdiction = spec.jurisdiction
-        self.warnings: tuple[Diagnostic, ...] = tuple(warnings)
+        self._warnings = warnings
         self.destinations: Mapping[str, Destination] = MappingProxyType({
             d.name: Destination(d.name, d.jurisdiction, d.trust, d.transport, d.topic, d.rest_at_edge,
                                 d.recipient_key)
@@ -261,6 +262,13 @@ class Policy:
         self._denials: dict[tuple[str, str], Decision] = {}
         self._limits = {t.name: (t.max_size, t.rule_id) for t in spec.device_types.values()}
         self._contracts = frozenset(v.name for v in spec.vendors.values() if v.maintenance_contract)
+
+    @property
+    def warnings(self) -> tuple[Diagnostic, ...]:
+        """The policy's warnings (``lint.*``, ``ref.*``), computed the first time they are asked for."""
+        if callable(self._warnings):
+            self._warnings = self._warnings()
+        return tuple(self._warnings)
 
     # -- registry ------------------------------------------------------------------------------------
     def device(self, device_id: str) -> DeviceEntry | None:

@@ -16,7 +16,7 @@ from gateway.errors import PolicyError
 from gateway.policy.diagnostics import Diagnostic, sort_diagnostics
 from gateway.policy.engine import Policy, canonical_revision
 from gateway.policy.syntax import Document, document_from_data, parse_yaml
-from gateway.policy.validate import validate
+from gateway.policy.validate import validate, validate_deferred
 
 __all__ = ["compile_policy", "compile_document", "compile_data", "load_policy", "load_document", "check_policy"]
 
@@ -31,12 +31,14 @@ def compile_document(doc: Document) -> Policy:
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        spec, diags = validate(doc)
+        spec, diags, lints = validate_deferred(doc)
         errors = [d for d in diags if d.severity == "error"]
         if spec is None or errors:
             raise PolicyError(sort_diagnostics(errors or diags))  # type: ignore[arg-type]
+        found = [d for d in diags if d.severity == "warning"]
+        # warnings never stop a policy: the lints run when someone reads Policy.warnings
         return Policy(spec, revision=canonical_revision(doc.data), source=doc.source,
-                      warnings=sort_diagnostics([d for d in diags if d.severity == "warning"]))
+                      warnings=lambda: sort_diagnostics(found + lints()))
     finally:
         if was_enabled:
             gc.enable()

@@ -14,7 +14,7 @@ import difflib
 import re
 from itertools import chain, repeat
 from operator import itemgetter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from gateway.catalog import DATA_CLASSES, DEVICE_TYPES, STREAMS
@@ -36,7 +36,7 @@ from gateway.policy.spec import (
 )
 from gateway.policy.syntax import Document, Path
 
-__all__ = ["validate", "BUILTIN_RULES", "FORMAT_VERSION", "TOP_KEYS", "is_glob", "filter_error"]
+__all__ = ["validate", "validate_deferred", "BUILTIN_RULES", "FORMAT_VERSION", "TOP_KEYS", "is_glob", "filter_error"]
 
 FORMAT_VERSION = 1
 
@@ -369,7 +369,15 @@ def _fast_grants(items: list[Any], taken: dict[str, Path], first_order: int) -> 
 
 
 def validate(doc: Document) -> tuple[PolicySpec | None, list[Diagnostic]]:
-    """Check ``doc`` and build its ``PolicySpec``; the spec is None when any error was found."""
+    """Check ``doc`` and build its ``PolicySpec``; the spec is None when any error was found.
+    The diagnostics include the lints' warnings."""
+    spec, diags, lints = validate_deferred(doc)
+    return spec, diags + lints()
+
+
+def validate_deferred(doc: Document) -> tuple[PolicySpec | None, list[Diagnostic], Callable[[], list[Diagnostic]]]:
+    """As ``validate``, but the lints (advisory warnings, never errors) run only when the returned
+    callable is called: a policy going live does not wait for them."""
     v = _V(doc)
     top = v.mapping((), doc.data, TOP_KEYS, "the policy")
 
@@ -673,8 +681,16 @@ def validate(doc: Document) -> tuple[PolicySpec | None, list[Diagnostic]]:
         denylist=tuple(denylist), grants=tuple(grants), rules=tuple(rules), destinations=tuple(destinations),
         rule_order=rule_order,
     )
-    if not any(d.severity == "error" for d in v.diags):
-        from gateway.policy.lint import lint  # the lints read a consistent spec only
+    failed = any(d.severity == "error" for d in v.diags)
+    done = len(v.diags)
 
+    def lints() -> list[Diagnostic]:
+        if failed:
+            return []  # the lints read a consistent spec only
+        from gateway.policy.lint import lint
+
+        del v.diags[done:]  # idempotent
         lint(spec, v)
-    return (None if any(d.severity == "error" for d in v.diags) else spec), v.diags
+        return v.diags[done:]
+
+    return (None if failed else spec), list(v.diags), lints
