@@ -484,7 +484,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny numbers, for a CI smoke run")
     ap.add_argument("--no-latency", action="store_true", help="skip the half-load latency phase")
     ap.add_argument("--latency-seconds", type=float, help="duration of each paced run (default 6; --quick 1)")
-    ap.add_argument("--uvloop", action="store_true", help="run the gateway process on uvloop (not the default)")
+    ap.add_argument("--no-uvloop", dest="uvloop", action="store_false", help="run the gateway on the default asyncio loop (the product uses uvloop)")
     ap.add_argument("--proto-fsync-thread", action="store_true",
                     help="PROTOTYPE: the gateway's 1-s fsync in a worker thread (not the product's behaviour)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")

@@ -17,7 +17,7 @@ import msgpack
 
 from gateway.errors import DecodeError
 
-__all__ = ["Limits", "DEFAULT_LIMITS", "decode", "encode", "encode_fields"]
+__all__ = ["Limits", "DEFAULT_LIMITS", "decode", "encode", "encode_fields", "pack_canonical"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +113,8 @@ def encode(value: dict[str, Any]) -> bytes:
 
 
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+# For a value the caller has already built in canonical order (sorted keys at every level).
+pack_canonical = _packb
 
 
 def encode_fields(fields: dict[str, Any]) -> bytes:

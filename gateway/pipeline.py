@@ -14,11 +14,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from gateway.catalog import DEVICE_TYPES, schema_for
-from gateway.codec import DEFAULT_LIMITS, Limits, decode, encode_fields
-from gateway.crypto.envelope import Header, seal
+from gateway.codec import DEFAULT_LIMITS, Limits, decode, pack_canonical
+from gateway.crypto.envelope import pack_header, seal_packed
 from gateway.crypto.keys import DataKeyring
 from gateway.dedupe import DedupeWindow
 from gateway.detect import RateBaseline, device_id_suspicious, scan_text_fields, strip_image_trailers
@@ -54,8 +54,9 @@ class PolicyLike(Protocol):
     def decide(self, facts: MessageFacts) -> Decision: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
+class Delivery(NamedTuple):
+    """One sealed envelope for one destination (a tuple: built several times per message)."""
+
     destination: str
     transport: str  # "vault" | "mqtt"
     topic: str  # MQTT topic for mqtt transport, "" for the vault
@@ -183,20 +184,23 @@ class Pipeline:
         out.decision = decision
         out.facts = facts
         destinations = policy.destinations
+        recipients = self.recipients
+        revision = decision.revision
         for route in decision.routes:
             if not route.allow:
                 continue
-            projected = {name: fields[name] for name in route.fields}
+            # Built with sorted keys: the guards' values are canonical below the top level.
+            projected = {name: fields[name] for name in sorted(route.fields)}
             for name, step in route.quantize:
                 if name in projected:
                     projected[name] = _quantise(projected[name], step)
             dest = destinations[route.destination]
-            header = Header(device, stream, seq, ts, route.destination, decision.revision)
-            sealer = self.recipients.get(route.destination)
+            header = pack_header(device, stream, seq, ts, route.destination, revision)
+            sealer = recipients.get(route.destination)
             if sealer is None:
-                envelope = seal(self.keyring, header, encode_fields(projected))
+                envelope = seal_packed(self.keyring, header, pack_canonical(projected))
             else:
-                envelope = sealer.seal(header, encode_fields(projected))
+                envelope = sealer.seal_packed(header, pack_canonical(projected))
             topic_out = f"{dest.topic}/{device}/{stream}" if dest.transport == "mqtt" else ""
             out.deliveries.append(Delivery(route.destination, dest.transport, topic_out, envelope))
         out.record = _record(out, topic, digest, len(payload), decision.revision)

@@ -20,7 +20,7 @@ from cryptography.exceptions import InvalidTag
 from gateway.crypto.keys import DataKeyring
 from gateway.errors import CryptoError
 
-__all__ = ["Header", "seal", "open_envelope", "ENVELOPE_VERSION"]
+__all__ = ["Header", "seal", "seal_packed", "pack_header", "open_envelope", "ENVELOPE_VERSION"]
 
 ENVELOPE_VERSION = 1
 
@@ -46,11 +46,19 @@ class Header:
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 
+def pack_header(device: str, stream: str, seq: int, ts: int, destination: str, revision: str) -> bytes:
+    """``Header(...).pack()`` without building the object (the hot path seals ~3 times a message)."""
+    return _packb([device, stream, seq, ts, destination, revision])
+
+
 def seal(keyring: DataKeyring, header: Header, plaintext: bytes) -> bytes:
+    return seal_packed(keyring, header.pack(), plaintext)
+
+
+def seal_packed(keyring: DataKeyring, h: bytes, plaintext: bytes) -> bytes:
     key = keyring.current()
     key.used += 1
     nonce = os.urandom(12)
-    h = header.pack()
     ct = key.aead.encrypt(nonce, plaintext, h)
     return _packb({"c": ct, "h": h, "kid": key.kid, "n": nonce, "v": ENVELOPE_VERSION})
 

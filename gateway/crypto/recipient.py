@@ -227,12 +227,14 @@ class RecipientSealer:
         self._born = self._clock()
 
     def seal(self, header: Header, plaintext: bytes) -> bytes:
+        return self.seal_packed(header.pack(), plaintext)
+
+    def seal_packed(self, h: bytes, plaintext: bytes) -> bytes:
         import os
 
         if self._aead is None or self._used >= self.max_messages or self._clock() - self._born >= self.max_age_s:
             self._rotate()
         self._used += 1
-        h = header.pack()
         nonce = os.urandom(12)
         ct = self._aead.encrypt(nonce, plaintext, h)
         return msgpack.packb(
