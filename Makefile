@@ -38,6 +38,7 @@ mosquitto:
 bench: install
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/policy_reference.py
+	$(BIN)/python benchmarks/e2e.py
 	$(BIN)/python benchmarks/ingest_compare.py
 
 clean:

@@ -99,7 +99,8 @@ async def run_demo(opts: DemoOptions, *, load_policy: Callable[[Path], PolicyLik
         policy = load_policy(site.policy_dir)
         log(f"edgeward demo: site {site.name} created in {time.monotonic() - t_init:.1f}s "
             f"(CA, {len(specs)} device certificates, Argon2id-wrapped KEK, audit signing key)")
-        async with SiteRuntime(site, policy, log=log) as rt:
+        # Checkpoints every 10 s here (60 s by default) so a short demo shows several being published.
+        async with SiteRuntime(site, policy, log=log, config_overrides={"checkpoint_every_s": 10.0}) as rt:
             assert rt.broker is not None and rt.gateway is not None
             gw = rt.gateway
             version = _broker_version()
