@@ -69,7 +69,8 @@ async def _send_bad(port: int, items: list[tuple[str, bytes]]) -> None:
 async def test_fleet_end_to_end_accounted_projected_encrypted_audited(broker: MosquittoBroker, tmp_path: Path) -> None:
     policy = load_policy(POLICY_DIR)
     state = tmp_path / "gw"
-    gw = Gateway(GatewayConfig(state_dir=state, port=broker.port), policy)
+    # Data keys rotate every 40 envelopes: rotation under load, and every record must still open.
+    gw = Gateway(GatewayConfig(state_dir=state, port=broker.port, key_max_messages=40), policy)
     rx = DestinationReceiver("127.0.0.1", broker.port, gw.keyring, keep=True)
     await rx.start()
     stop = asyncio.Event()
@@ -119,6 +120,7 @@ async def test_fleet_end_to_end_accounted_projected_encrypted_audited(broker: Mo
         assert key not in got
         got[key] = m.fields
     assert rx.duplicates == 0 and rx.undecryptable == 0
+    assert len(gw.keyring.list()) > 5, "keys should have rotated many times during the run"
     vault = {}
     for env in read_vault(state / "vault"):
         h, pt = open_envelope(gw.keyring, env)

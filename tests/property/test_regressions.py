@@ -1,7 +1,7 @@
-"""Bugs found by the property tests and fuzzers, each as a failing test with the smallest input known.
+"""Regressions: bugs the property tests and fuzzers found, each with the smallest input known.
 
-These fail until the gateway code is fixed; they are deliberately neither skipped nor xfailed. Each
-docstring names the fault and the proposed fix. When one passes, move it to the file of its module.
+Both are fixed (decode refuses non-string keys at every depth; the per-device rate baseline is on by
+default); the docstrings keep the original diagnosis. A new finding goes here as a failing test first.
 """
 
 from __future__ import annotations
