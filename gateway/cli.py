@@ -184,8 +184,8 @@ def _cmd_devices(args: argparse.Namespace) -> int:
                 pass
         print(f"revoked {args.device_id} (serial {', '.join(map(str, serials))}){note}")
         return 0
-    for cert in ca.issued():
-        print(f"{cert.cn:24} {cert.kind:8} serial {cert.serial}")
+    for serial, cn, kind, revoked in ca.issued():
+        print(f"{cn:24} {kind:8} serial {serial}{'  REVOKED' if revoked else ''}")
     return 0
 
 

@@ -31,7 +31,7 @@ from gateway.pipeline import PolicyLike
 from gateway.runtime.broker import MosquittoBroker, mosquitto_binary
 from gateway.runtime.mqtt import MqttClient
 from gateway.runtime.receiver import DestinationReceiver
-from gateway.runtime.service import Gateway, GatewayConfig
+from gateway.runtime.service import Gateway
 from gateway.vault import read_vault
 
 __all__ = ["DemoOptions", "run_demo", "format_summary"]
@@ -213,7 +213,7 @@ def _broker_version() -> str:
 
 
 def _report(opts: DemoOptions, broker: MosquittoBroker, version: str, gw: Gateway, rx: DestinationReceiver,
-            truth: Any, bad: list[str], elapsed: float, drained: bool, root: Path) -> dict[str, Any]:
+            truth: Any, bad: dict[str, int], elapsed: float, drained: bool, root: Path) -> dict[str, Any]:
     audit_dir = root / "audit"
     verified = verify_chain(audit_dir)
     seen: set[tuple[str, int]] = set()
