@@ -254,6 +254,7 @@ def _report(opts: DemoOptions, broker: MosquittoBroker, version: str, gw: Gatewa
         "at_destinations": dict(sorted(rx.counts.items())),
         "blocked": dict(sorted(blocked.items())),
         "fields_removed": dict(sorted(s.removed.items())),
+        "violations_quarantined": dict(sorted(s.violations.items())),
         "bad_inputs": bad,
         "lost": unaccounted + undelivered + vault_missing + s.broker_dropped,
         "duplicates": rx.duplicates + vault_dups,
@@ -281,6 +282,8 @@ def format_summary(r: dict[str, Any]) -> str:
         "  at destinations   " + (", ".join(f"{d} {n}" for d, n in r["at_destinations"].items()) or "none"),
         "  blocked           " + (", ".join(f"{c} {n}" for c, n in r["blocked"].items()) or "none"),
         "  fields removed    " + (", ".join(f"{c} {n}" for c, n in r["fields_removed"].items()) or "none"),
+        "  quarantined       " + (", ".join(f"{c} {n}" for c, n in r["violations_quarantined"].items()) or "none")
+        + " (sealed locally, alerted on edgeward/alerts/)",
         f"  lost              {r['lost']}",
         f"  duplicates        {r['duplicates']}",
         f"  latency           p50 {r['latency_ms']['p50']} ms, p99 {r['latency_ms']['p99']} ms "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
 import json
 import os
 import random
@@ -25,6 +26,7 @@ from typing import Any
 
 from gateway.audit.chain import AuditLog
 from gateway.audit.checkpoint import Checkpointer
+from gateway.crypto.envelope import pack_header, seal_packed
 from gateway.crypto.keys import DataKeyring, load_or_create_kek
 from gateway.crypto.recipient import RecipientSealer
 from gateway.detect import RateBaseline
@@ -37,6 +39,16 @@ from gateway.vault import VaultWriter
 __all__ = ["GatewayConfig", "GatewayStats", "Gateway", "SYS_DROPPED"]
 
 SYS_DROPPED = "$SYS/broker/publish/messages/dropped"
+
+# Rejections that mean a device broke an invariant (not merely sent something malformed): each is
+# quarantined and alerted on. detect.* codes always are.
+SECURITY_REASONS = frozenset({
+    "guard.unknown_field", "guard.topic", "guard.topic_site", "guard.topic_stream", "guard.unknown_device",
+    "guard.retained", "guard.too_large",
+})
+_UNTRUSTED_ID_REASONS = frozenset({
+    "guard.topic", "guard.topic_site", "guard.topic_stream", "guard.unknown_device", "detect.topic_encoding",
+})
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +91,7 @@ class GatewayStats:
     denied: Counter[str] = field(default_factory=Counter)  # "<destination>:<reason>"
     forwarded: Counter[str] = field(default_factory=Counter)
     removed: Counter[str] = field(default_factory=Counter)
+    violations: Counter[str] = field(default_factory=Counter)  # built-in invariants broken, by reason
     broker_dropped: int = 0
     reconnects: int = 0
     shadow_divergent: int = 0  # messages a shadow policy would have decided differently
@@ -94,6 +107,7 @@ class GatewayStats:
             "denied": dict(self.denied),
             "forwarded": dict(self.forwarded),
             "removed_fields": dict(self.removed),
+            "violations": dict(self.violations),
             "broker_dropped": self.broker_dropped,
             "reconnects": self.reconnects,
             "shadow_divergent": self.shadow_divergent,
@@ -137,6 +151,9 @@ class Gateway:
             )
             self._record = self.checkpointer.append
         self.vault = VaultWriter(state / "vault")
+        # Evidence of violations, sealed under the site's keys like the vault (edgeward decrypt reads it).
+        self.quarantine = VaultWriter(state / "quarantine")
+        self._last_alert: dict[tuple[str, str], float] = {}
         recipients = {d: RecipientSealer(k) for d, k in config.recipient_keys.items()}
         rate = RateBaseline(headroom=config.rate_headroom) if config.rate_headroom else None
         self.pipeline = Pipeline(policy, self.keyring, clock_ms=lambda: int(clock() * 1000), recipients=recipients,
@@ -308,6 +325,7 @@ class Gateway:
         self.stop_shadow()
         self.record_traffic(None)
         self.vault.close()
+        self.quarantine.close()
         self.audit.close()
 
     async def _syncer(self, stop: asyncio.Event) -> None:
@@ -364,7 +382,11 @@ class Gateway:
                     stats.duplicates += 1
                 else:
                     stats.rejected[out.reason] += 1
+                    if out.reason in SECURITY_REASONS or out.reason.startswith("detect."):
+                        self._on_violation(out, m)
             else:
+                if "trailer_cut" in out.record:
+                    self._on_violation(out, m, code="detect.image_trailer")
                 stats.decided += 1
                 assert out.decision is not None
                 for r in out.decision.routes:
@@ -390,6 +412,7 @@ class Gateway:
         # Group commit: one write for the audit records and vault frames of the whole batch, before
         # any of the batch is acknowledged.
         self.vault.flush()
+        self.quarantine.flush()
         self.audit.flush()
         for pid in ready:
             self.ingest.ack(pid)
@@ -400,6 +423,33 @@ class Gateway:
             if transport is not None:
                 transport.pause_reading()
                 self._paused = True
+
+    def _on_violation(self, out: Any, m: Message, *, code: str = "") -> None:
+        """A device broke a built-in invariant: keep the evidence sealed in the local quarantine, and
+        tell the operator (at most one alert per device and reason per second; all are audited)."""
+        code = code or out.reason
+        self.stats.violations[code] += 1
+        header = pack_header(out.device or "?", out.stream or "?", out.seq, out.ts, "quarantine",
+                             self.pipeline.policy.revision)
+        self.quarantine.append(seal_packed(self.keyring, header, m.payload))
+        key = (out.device, code)
+        now = self._clock()
+        if now - self._last_alert.get(key, 0.0) >= 1.0:
+            if len(self._last_alert) > 100_000:
+                self._last_alert.clear()
+            self._last_alert[key] = now
+            # "code" and "ref" (the payload digest), not "reason"/"digest": the alert points at the
+            # message's own audit record rather than repeating it.
+            detail: dict[str, Any] = {"code": code, "seq": out.seq, "ref": out.record.get("digest")}
+            if code in _UNTRUSTED_ID_REASONS:
+                # The device level itself is the suspect (it may carry the data): never echo it.
+                detail["device_digest"] = hashlib.sha256(out.device.encode()).hexdigest()[:16]
+            else:
+                detail["device"] = out.device
+            self.audit_event({"event": "alert", "kind": "violation", **detail})
+            if self.uplink.connected:
+                self.uplink.publish(f"{self.config.alert_topic}/violation",
+                                    json.dumps(detail, sort_keys=True).encode())
 
     def _shadow(self, out: Any) -> None:
         assert self.shadow is not None and out.facts is not None

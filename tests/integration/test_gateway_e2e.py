@@ -112,6 +112,12 @@ async def test_fleet_end_to_end_accounted_projected_encrypted_audited(broker: Mo
     reasons = Counter(r["reason"] for r in records if "reason" in r)
     assert reasons == Counter({"decode.malformed": 1, "guard.unknown_device": 1, "guard.unknown_field": 1,
                                "guard.topic_stream": 1, "guard.too_large": 1})
+    # the four invariant violations are alerted on and their bytes kept, sealed, in the quarantine
+    alerts = [r for r in records if r.get("event") == "alert"]
+    assert sorted(a["code"] for a in alerts) == ["guard.too_large", "guard.topic_stream", "guard.unknown_device",
+                                                   "guard.unknown_field"]
+    quarantined = sorted(open_envelope(gw.keyring, env)[1] for env in read_vault(state / "quarantine"))
+    assert quarantined == sorted(p for _, p in bad[1:])  # all but the merely malformed one
 
     # what each destination received is exactly what the policy allows, field by field
     got: dict[tuple[str, str, int], dict[str, Any]] = {}
