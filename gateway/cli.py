@@ -56,6 +56,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         state_dir=Path(args.state_dir) if args.state_dir else None,
         bad_inputs=not args.no_bad_inputs,
         progress=not args.json and sys.stderr.isatty() or args.progress,
+        scenario=args.scenario,
     )
     report = _run(run_demo(opts, load_policy=_load_policy))
     if args.json:
@@ -284,6 +285,8 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--policy", default="policies", help="policy file or directory (default: policies)")
     d.add_argument("--state-dir", help="keep the gateway's state here (default: a temporary directory)")
     d.add_argument("--no-bad-inputs", action="store_true", help="do not inject the five kinds of bad input")
+    d.add_argument("--scenario", help="run a device_sim scenario (name or YAML file), e.g. all-techniques; "
+                                      "the report then measures each hostile technique's leaks")
     d.add_argument("--progress", action="store_true", help="show the live line even when not on a terminal")
     d.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     d.set_defaults(func=_cmd_demo)
