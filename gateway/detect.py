@@ -40,6 +40,7 @@ __all__ = [
     "scan_text_fields",
     "jpeg_end",
     "strip_image_trailer",
+    "pad_image_length",
     "strip_image_trailers",
     "prohibited_field",
     "excess_precision",
@@ -210,10 +211,28 @@ def strip_image_trailer(data: bytes) -> tuple[bytes, int]:
     return data[:end], len(data) - end
 
 
+IMAGE_SIZE_QUANTUM = 1024  # image lengths leave the gateway as multiples of this
+
+
+def pad_image_length(data: bytes, quantum: int = IMAGE_SIZE_QUANTUM) -> bytes:
+    """Round a JPEG's length up to a multiple of ``quantum`` with a zero-filled COM segment placed just
+    before its end-of-image marker, so the exact length (a size-modulation channel) does not leave
+    the site. The image decodes as before: COM segments carry no pixels."""
+    if not data.endswith(b"\xff\xd9"):
+        return data
+    pad = (-len(data) - 4) % quantum  # a COM segment costs 4 bytes of header (marker + length)
+    seg_len = pad + 2
+    while seg_len > 0xFFFF:  # cannot happen with quantum <= 64 KiB; kept as a guard
+        pad -= quantum
+        seg_len = pad + 2
+    return data[:-2] + b"\xff\xfe" + seg_len.to_bytes(2, "big") + bytes(pad) + b"\xff\xd9"
+
+
 def strip_image_trailers(
     schema: StreamSchema, fields: Mapping[str, Any]
 ) -> tuple[dict[str, Any], tuple[tuple[str, int], ...]]:
-    """``fields`` with every image-class bytes field cut at its end-of-image, and what was cut."""
+    """``fields`` with every image-class JPEG cut at its end-of-image (what was cut is returned) and
+    its length rounded up to ``IMAGE_SIZE_QUANTUM``."""
     out = dict(fields)
     cut: list[tuple[str, int]] = []
     for name, value in fields.items():
@@ -224,8 +243,8 @@ def strip_image_trailers(
             continue  # not a JPEG (a face template): nothing to cut
         clean, n = strip_image_trailer(value)
         if n:
-            out[name] = clean
             cut.append((name, n))
+        out[name] = pad_image_length(clean)
     return out, tuple(cut)
 
 

@@ -256,3 +256,17 @@ def test_rate_baseline_memory_is_bounded() -> None:
         b.observe(f"et-{i:05d}", 100, float(i), device_type="trace_detector")
     assert len(b) == 100
     assert b.observe("x", 1, 0.0, device_type="no_such_type") is None
+
+
+def test_image_lengths_leave_rounded_so_size_modulation_carries_nothing() -> None:
+    from gateway.detect import IMAGE_SIZE_QUANTUM, pad_image_length, strip_image_trailer
+
+    lengths = set()
+    for n in range(1000, 1000 + 300):  # 300 different lengths, i.e. every value of a low byte
+        img = b"\xff\xd8\xff\xe0" + bytes([0x11]) * (n - 6) + b"\xff\xd9"
+        padded = pad_image_length(img)
+        assert padded.startswith(img[:-2]) and padded.endswith(b"\xff\xd9")
+        assert len(padded) % IMAGE_SIZE_QUANTUM == 0
+        assert strip_image_trailer(padded)[1] == 0  # the padding is inside the image, not after it
+        lengths.add(len(padded))
+    assert len(lengths) <= 2  # 300 lengths collapse to one or two
