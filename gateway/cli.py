@@ -4,7 +4,7 @@
     edgeward init SITE_DIR --devices N                    a site: CA, certificates, KEK, audit key, policy
     edgeward run SITE_DIR                                 the site's broker and gateway, until Ctrl-C
     edgeward sim SITE_DIR --devices N --seconds S         a simulated fleet over mTLS against a running site
-    edgeward devices list|revoke SITE_DIR [ID]            device identities; revocation via the CRL
+    edgeward devices list|revoke|isolate|release SITE_DIR [ID]   device identities (CRL: revoke or hold)
     edgeward policy check|test|explain|diff ...           the operator's policy tools
     edgeward audit verify DIR                             recompute the hash chain
     edgeward decrypt STATE_DIR                            read the vault back with the site's keys
@@ -171,22 +171,29 @@ def _cmd_devices(args: argparse.Namespace) -> int:
 
     root = Path(args.site_dir)
     ca = SiteCA.load(root / "ca")
+    from gateway.runtime import isolation
+
     if args.devices_cmd == "revoke":
         serials = ca.revoke(args.device_id)
-        pid_file = root / "broker" / "mosquitto.pid"
-        note = ""
-        if pid_file.exists() and pid_file.read_text().strip():
-            import os
-
-            try:
-                os.kill(int(pid_file.read_text()), signal.SIGHUP)  # Mosquitto re-reads the CRL
-                note = "; the running broker reloaded its CRL"
-            except ProcessLookupError:
-                pass
+        note = "; the running broker reloaded its CRL" if isolation.reload_broker(root) else ""
         print(f"revoked {args.device_id} (serial {', '.join(map(str, serials))}){note}")
         return 0
+    if args.devices_cmd == "isolate":
+        from gateway.crypto.keys import read_secret_file
+        from gateway.crypto.pki import GATEWAY_CN
+
+        creds = (GATEWAY_CN, read_secret_file(root / "keys" / "broker-gateway.secret").strip())
+        _run(isolation.isolate(root, args.device_id, creds))
+        print(f"isolated {args.device_id}: certificate on hold, disconnected, refused until released")
+        return 0
+    if args.devices_cmd == "release":
+        _run(isolation.release(root, args.device_id))
+        print(f"released {args.device_id}: it may connect again")
+        return 0
+    held = ca.held()
     for serial, cn, kind, revoked in ca.issued():
-        print(f"{cn:24} {kind:8} serial {serial}{'  REVOKED' if revoked else ''}")
+        state = "  REVOKED" if revoked else ("  ISOLATED" if cn in held else "")
+        print(f"{cn:24} {kind:8} serial {serial}{state}")
     return 0
 
 
@@ -327,6 +334,12 @@ def _build_parser() -> argparse.ArgumentParser:
     dr.add_argument("site_dir")
     dr.add_argument("device_id")
     dr.set_defaults(func=_cmd_devices)
+    for name, helptext in (("isolate", "hold a device's certificate and disconnect it until released"),
+                           ("release", "let an isolated device connect again")):
+        di = dvsub.add_parser(name, help=helptext)
+        di.add_argument("site_dir")
+        di.add_argument("device_id")
+        di.set_defaults(func=_cmd_devices)
 
     a = sub.add_parser("audit", help="audit log tools")
     asub = a.add_subparsers(dest="audit_cmd", required=True)

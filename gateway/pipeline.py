@@ -107,6 +107,8 @@ class Pipeline:
         self.recipients: Mapping[str, Any] = recipients or {}
         # Per-device rate and volume baselines: on unless a caller turns them off (load benchmarks).
         self.rate = rate if rate is not None else (RateBaseline() if enforce_rate else None)
+        # Isolated devices: refused here too, so nothing slips through before the broker reloads its CRL.
+        self.blocked: frozenset[str] | set[str] = frozenset()
         self._device_cache: dict[str, Any] = {}
         self._cache_for: PolicyLike | None = None
 
@@ -133,6 +135,8 @@ class Pipeline:
             device, stream = parse_topic(topic, policy.site)
             if retain:
                 raise RejectedMessage("guard.retained", "devices may not publish retained messages")
+            if device in self.blocked:
+                raise RejectedMessage("guard.isolated", "the device is isolated until an operator releases it")
             entry = self._device(policy, device)
             if entry is None:
                 raise RejectedMessage("guard.unknown_device", "device is not in the registry")

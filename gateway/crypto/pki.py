@@ -299,6 +299,38 @@ class SiteCA:
         self.write_crl()
         return hit
 
+    def hold(self, cn: str) -> list[int]:
+        """Isolate a device: its unrevoked certificates go on the CRL with reason certificateHold
+        (reversible, unlike revocation). Returns the serials put on hold."""
+        now = _now().isoformat()
+        hit = []
+        for s, r in self._index.items():
+            if r["cn"] == cn and r["revoked_at"] is None and not r.get("held_at"):
+                r["held_at"] = now
+                hit.append(int(s))
+        if not hit and cn not in self.held():
+            raise ConfigError(f"no certificate to hold for {cn!r}")
+        self._save_index()
+        self.write_crl()
+        return hit
+
+    def release(self, cn: str) -> list[int]:
+        """Lift a hold: the device's certificates leave the CRL again."""
+        hit = []
+        for s, r in self._index.items():
+            if r["cn"] == cn and r.get("held_at"):
+                r["held_at"] = None
+                hit.append(int(s))
+        if not hit:
+            raise ConfigError(f"{cn!r} is not isolated")
+        self._save_index()
+        self.write_crl()
+        return hit
+
+    def held(self) -> set[str]:
+        """CNs with a certificate on hold (isolated devices)."""
+        return {str(r["cn"]) for r in self._index.values() if r.get("held_at") and r["revoked_at"] is None}
+
     def write_crl(self, path: Path | None = None, *, days: int = 30) -> Path:
         """Write the CRL (PEM) listing every revoked serial; default path ``<ca>/crl.pem``.
 
@@ -318,6 +350,14 @@ class SiteCA:
                     x509.RevokedCertificateBuilder()
                     .serial_number(int(s))
                     .revocation_date(_dt.datetime.fromisoformat(str(r["revoked_at"])))
+                    .build()
+                )
+            elif r.get("held_at"):
+                b = b.add_revoked_certificate(
+                    x509.RevokedCertificateBuilder()
+                    .serial_number(int(s))
+                    .revocation_date(_dt.datetime.fromisoformat(str(r["held_at"])))
+                    .add_extension(x509.CRLReason(x509.ReasonFlags.certificate_hold), critical=False)
                     .build()
                 )
         crl = b.sign(self._key, hashes.SHA256())

@@ -44,7 +44,7 @@ SYS_DROPPED = "$SYS/broker/publish/messages/dropped"
 # quarantined and alerted on. detect.* codes always are.
 SECURITY_REASONS = frozenset({
     "guard.unknown_field", "guard.topic", "guard.topic_site", "guard.topic_stream", "guard.unknown_device",
-    "guard.retained", "guard.too_large",
+    "guard.retained", "guard.too_large", "guard.isolated",
 })
 _UNTRUSTED_ID_REASONS = frozenset({
     "guard.topic", "guard.topic_site", "guard.topic_stream", "guard.unknown_device", "detect.topic_encoding",
@@ -79,6 +79,10 @@ class GatewayConfig:
     # Per-device rate/volume baseline: a device beyond `headroom` x its type's normal traffic (after
     # a burst allowance) is refused with detect.burst / detect.volume. None turns it off (load tests).
     rate_headroom: float | None = 2.5
+    # A registered device with this many violations within `isolate_window_s` is isolated (when the
+    # runtime provides a way to: a site's CA and broker). 0 turns automatic isolation off.
+    isolate_after: int = 20
+    isolate_window_s: float = 60.0
 
 
 @dataclass
@@ -154,6 +158,10 @@ class Gateway:
         # Evidence of violations, sealed under the site's keys like the vault (edgeward decrypt reads it).
         self.quarantine = VaultWriter(state / "quarantine")
         self._last_alert: dict[tuple[str, str], float] = {}
+        self._strikes: dict[str, list[float]] = {}  # device -> [violations in window, window start]
+        self.isolated: set[str] = set()
+        # Set by the runtime that can isolate (SiteRuntime): an async callable taking the device id.
+        self.on_isolate: Any = None
         recipients = {d: RecipientSealer(k) for d, k in config.recipient_keys.items()}
         rate = RateBaseline(headroom=config.rate_headroom) if config.rate_headroom else None
         self.pipeline = Pipeline(policy, self.keyring, clock_ms=lambda: int(clock() * 1000), recipients=recipients,
@@ -434,6 +442,8 @@ class Gateway:
         self.quarantine.append(seal_packed(self.keyring, header, m.payload))
         key = (out.device, code)
         now = self._clock()
+        if code not in _UNTRUSTED_ID_REASONS and out.device:
+            self._strike(out.device, now)
         if now - self._last_alert.get(key, 0.0) >= 1.0:
             if len(self._last_alert) > 100_000:
                 self._last_alert.clear()
@@ -450,6 +460,23 @@ class Gateway:
             if self.uplink.connected:
                 self.uplink.publish(f"{self.config.alert_topic}/violation",
                                     json.dumps(detail, sort_keys=True).encode())
+
+    def _strike(self, device: str, now: float) -> None:
+        cfg = self.config
+        if not cfg.isolate_after or self.on_isolate is None or device in self.isolated:
+            return
+        entry = self._strikes.get(device)
+        if entry is None or now - entry[1] > cfg.isolate_window_s:
+            if len(self._strikes) > 100_000:
+                self._strikes.clear()
+            entry = self._strikes[device] = [0, now]
+        entry[0] += 1
+        if entry[0] >= cfg.isolate_after:
+            self.isolated.add(device)
+            self.pipeline.blocked = frozenset(self.pipeline.blocked | {device})
+            self.alert("device_isolated", {"device": device, "violations": int(entry[0]),
+                                           "window_s": cfg.isolate_window_s})
+            asyncio.ensure_future(self.on_isolate(device))
 
     def _shadow(self, out: Any) -> None:
         assert self.shadow is not None and out.facts is not None

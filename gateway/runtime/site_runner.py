@@ -20,6 +20,7 @@ from typing import Any
 from gateway.crypto.pki import GATEWAY_CN
 from gateway.crypto.recipient import load_public_key
 from gateway.runtime.broker import MosquittoBroker
+from gateway.runtime.isolation import isolate, write_runtime_info
 from gateway.runtime.mqtt import Message, MqttClient
 from gateway.runtime.service import Gateway, GatewayConfig
 from gateway.site import Site, mosquitto_password_line
@@ -67,6 +68,7 @@ class SiteRuntime:
     gateway: Gateway | None = None
     operator_password: bytes = field(default_factory=lambda: secrets.token_urlsafe(24).encode(), repr=False)
     _operator: MqttClient | None = None
+    _held_watch: asyncio.Task[None] | None = None
 
     @property
     def device_port(self) -> int:
@@ -92,7 +94,9 @@ class SiteRuntime:
             f.write(mosquitto_password_line(OPERATOR_USER, self.operator_password.decode()))
         self.broker = MosquittoBroker(config)
         self.broker.start()
-        (site.broker_dir / "mosquitto.pid").write_text(str(self.broker.proc.pid if self.broker.proc else ""))
+        assert self.broker.proc is not None and self.broker.config.tls is not None
+        write_runtime_info(site.root, pid=self.broker.proc.pid, gateway_port=self.broker.port,
+                           device_port=self.broker.config.tls.port)
         user, password = site.gateway_credentials()
         gw_config = GatewayConfig(
             state_dir=site.root,
@@ -110,12 +114,38 @@ class SiteRuntime:
         await self._operator.connect()
         await self._operator.subscribe((gw_config.checkpoint_topic, 1))
         self.gateway = Gateway(gw_config, self.policy)
+        creds = (user, password)
+
+        async def _isolate(device: str) -> None:
+            await isolate(site.root, device, creds)
+            self.log(f"device {device} isolated (certificate on hold, disconnected); "
+                     f"edgeward devices release {site.root} {device} lets it back")
+
+        self.gateway.on_isolate = _isolate
+        self.gateway.pipeline.blocked = frozenset(site.ca().held())
+        self._held_watch = asyncio.create_task(self._watch_held(), name="site-held-watch")
         await self.gateway.__aenter__()
         self.log(
             f"site {site.name}: broker devices mTLS 127.0.0.1:{self.device_port}, gateway 127.0.0.1:{self.broker.port}; "
             f"policy {self.policy.revision}"
         )
         return self
+
+    async def _watch_held(self) -> None:
+        """Follow the CA's holds (edgeward devices isolate/release from another process)."""
+        index = self.site.root / "ca" / "index.json"
+        seen = None
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                stamp = index.stat().st_mtime_ns
+            except FileNotFoundError:
+                continue
+            if stamp != seen and self.gateway is not None:
+                seen = stamp
+                held = frozenset(self.site.ca().held())
+                self.gateway.pipeline.blocked = held
+                self.gateway.isolated = set(held)
 
     def operator_client(self, client_id: str, on_messages: Callable[[list[Message]], None]) -> MqttClient:
         assert self.broker is not None
@@ -134,6 +164,8 @@ class SiteRuntime:
                 self._operator.ack(m.packet_id)
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._held_watch is not None:
+            self._held_watch.cancel()
         try:
             if self.gateway is not None:
                 if self.gateway.checkpointer is not None and self.gateway.uplink.connected:
@@ -146,4 +178,5 @@ class SiteRuntime:
         finally:
             if self.broker is not None:
                 self.broker.stop()
+                (self.site.broker_dir / "runtime.json").unlink(missing_ok=True)
 

@@ -89,3 +89,12 @@ def test_audit_record_names_fields_and_rules_never_values(tmp_path: Path) -> Non
     assert routes["customs"]["removed"] == [["sample_id", "policy.class_not_allowed"]]
     assert routes["vendor"] == {"dst": "vendor", "allow": False, "reason": "policy.default_deny", "rules": ["default-deny"]}
     assert "S1234567" not in json.dumps(rec)
+
+
+def test_isolated_device_is_refused(tmp_path: Path) -> None:
+    pl = _pipeline(tmp_path)
+    pl.blocked = frozenset({"et-00004"})
+    out = pl.process(TOPIC, _payload())
+    assert out.reason == "guard.isolated" and not out.deliveries
+    pl.blocked = frozenset()
+    assert pl.process(TOPIC, _payload(2)).deliveries
