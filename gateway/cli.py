@@ -166,6 +166,37 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     return 0 if not truth.failed else 1
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    import time as _time
+
+    from gateway.runtime.isolation import read_runtime_info
+
+    root = Path(args.site_dir)
+    info = read_runtime_info(root)
+    path = root / "status.json"
+    if info is None or not path.exists():
+        print(json.dumps({"running": False}) if args.json else f"no gateway is running for {root}")
+        return 1
+    st = json.loads(path.read_text())
+    st["running"] = True
+    st["age_s"] = round(_time.time() - st["t"], 1)
+    st["broker"] = info
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    s = st["stats"]
+    print(f"gateway: ingest {st['ingest']}, uplink {st['uplink']}, policy {st['policy_revision']} "
+          f"(status {st['age_s']}s old); broker pid {info['pid']}, devices :{info['device_port']}")
+    print(f"  received {s['received']}, decided {s['decided']}, duplicates {s['duplicates']}, "
+          f"rejected {sum(s['rejected'].values())}, uplink backlog {st['uplink_backlog']}"
+          f"{' (ingest paused)' if st['paused'] else ''}")
+    for name, d in st["destinations"].items():
+        print(f"  {name:20} {d['transport']:5} {d['jurisdiction']:8} {d['state']:5} forwarded {d['forwarded']}")
+    if st["isolated"]:
+        print(f"  isolated devices: {', '.join(st['isolated'])}")
+    return 0
+
+
 def _cmd_devices(args: argparse.Namespace) -> int:
     from gateway.crypto.pki import SiteCA
 
@@ -324,6 +355,11 @@ def _build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--port", type=int, default=0, help="the devices' listener (default: from site.json)")
     sm.add_argument("--json", action="store_true")
     sm.set_defaults(func=_cmd_sim)
+
+    stp = sub.add_parser("status", help="a running site's gateway: connections, destinations, backlog")
+    stp.add_argument("site_dir")
+    stp.add_argument("--json", action="store_true")
+    stp.set_defaults(func=_cmd_status)
 
     dv = sub.add_parser("devices", help="the site's device identities")
     dvsub = dv.add_subparsers(dest="devices_cmd", required=True)

@@ -348,6 +348,7 @@ class Gateway:
             self.vault.flush()
             fds = [f.fileno() for f in (self.audit._fh, self.vault._fh) if not f.closed]
             await asyncio.to_thread(_fsync_all, fds)
+            self.write_status()
             for f in (self._shadow_log, self._traffic):
                 if f is not None:
                     f.flush()
@@ -460,6 +461,36 @@ class Gateway:
             if self.uplink.connected:
                 self.uplink.publish(f"{self.config.alert_topic}/violation",
                                     json.dumps(detail, sort_keys=True).encode())
+
+    def status(self) -> dict[str, Any]:
+        """What `edgeward status` shows: connections, each destination's traffic and backlog."""
+        pol = self.pipeline.policy
+        dests = {}
+        for name, d in pol.destinations.items():
+            dests[name] = {
+                "transport": d.transport,
+                "jurisdiction": d.jurisdiction,
+                "state": "up" if d.transport == "vault" or self.uplink.connected else "down",
+                "forwarded": self.stats.forwarded.get(name, 0),
+            }
+        return {
+            "t": self._clock(),
+            "policy_revision": pol.revision,
+            "ingest": "connected" if self.ingest.connected else "disconnected",
+            "uplink": "connected" if self.uplink.connected else "disconnected",
+            "uplink_backlog": self.uplink.pending_out,
+            "awaiting_uplink_ack": len(self._pending),
+            "paused": self._paused,
+            "isolated": sorted(self.isolated),
+            "destinations": dests,
+            "stats": self.stats.to_json(),
+        }
+
+    def write_status(self) -> None:
+        path = self.config.state_dir / "status.json"
+        tmp = path.with_name("status.json.tmp")
+        tmp.write_text(json.dumps(self.status(), indent=1))
+        os.replace(tmp, path)
 
     def _strike(self, device: str, now: float) -> None:
         cfg = self.config

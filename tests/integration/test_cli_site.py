@@ -57,11 +57,15 @@ def test_operator_flow(tmp_path: Path) -> None:
         assert sim["sent"] > 20 and sim["failed"] == 0
         revoked = _edgeward("devices", "revoke", str(site), "xr-00001", env=env).stdout
         assert "revoked xr-00001" in revoked
-        time.sleep(1.0)
+        time.sleep(1.5)  # the gateway writes its status once a second
+        status = json.loads(_edgeward("status", str(site), "--json", env=env).stdout)
+        assert status["running"] and status["ingest"] == "connected"
+        assert status["stats"]["decided"] == sim["sent"] and status["destinations"]["local_vault"]["forwarded"] == sim["sent"]
     finally:
         run.send_signal(signal.SIGINT)
         _, err = run.communicate(timeout=30)
     assert run.returncode == 0, err
+    assert _edgeward("status", str(site), env=env, check=False).returncode == 1  # stopped
     stats = json.loads(err.strip().splitlines()[-1])
     assert stats["decided"] == sim["sent"] and stats["rejected"] == {}
 
