@@ -58,16 +58,20 @@ class VaultWriter:
             self._fh.close()
 
 
-def read_vault(directory: Path) -> Iterator[bytes]:
-    """Every envelope in the vault, oldest first. A torn final frame raises at the end."""
+def read_vault(directory: Path, *, strict: bool = False) -> Iterator[bytes]:
+    """Every envelope in the vault, oldest first.
+
+    A segment whose writer crashed can end in a partial frame. That frame was never acknowledged (the
+    acknowledgement waits for the write), so its message was redelivered and written again later: it
+    is skipped, or with ``strict`` raised as an error."""
     for path in sorted(directory.glob("vault-*.seg")):
         data = path.read_bytes()
         pos = 0
         while pos < len(data):
-            if pos + 4 > len(data):
-                raise EdgewardError(f"{path.name}: partial frame header at byte {pos}")
-            (n,) = _LEN.unpack_from(data, pos)
-            if pos + 4 + n > len(data):
-                raise EdgewardError(f"{path.name}: partial frame at byte {pos}")
+            n = _LEN.unpack_from(data, pos)[0] if pos + 4 <= len(data) else None
+            if n is None or pos + 4 + n > len(data):
+                if strict:
+                    raise EdgewardError(f"{path.name}: partial frame at byte {pos}")
+                break
             yield data[pos + 4 : pos + 4 + n]
             pos += 4 + n

@@ -55,9 +55,13 @@ class AuditLog:
         self._prev = GENESIS
         self._file_no = 1
         self._in_file = 0
+        self.torn_bytes = 0
         if files:
             last = files[-1]
             self._file_no = int(_FILE_RE.search(last.name).group(1))  # type: ignore[union-attr]
+            # A crash mid-write leaves a partial last line. Its message was never acknowledged (the
+            # acknowledgement waits for this write), so the broker redelivers it: cut the fragment.
+            self.torn_bytes = _truncate_torn_tail(last)
             tail = _last_complete_line(last)
             self._in_file = _count_lines(last)
             if tail is not None:
@@ -115,6 +119,16 @@ class AuditLog:
         if not self._fh.closed:
             self.flush(sync=True)
             self._fh.close()
+
+
+def _truncate_torn_tail(path: Path) -> int:
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return 0
+    keep = data.rfind(b"\n") + 1
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+    return len(data) - keep
 
 
 def _last_complete_line(path: Path) -> str | None:

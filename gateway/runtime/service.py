@@ -33,6 +33,7 @@ from gateway.detect import RateBaseline
 from gateway.errors import BrokerError
 from gateway.pipeline import Pipeline, PolicyLike
 from gateway.policy.shadow import shadow_divergences
+from gateway.runtime.donelog import DoneLog
 from gateway.runtime.mqtt import Message, MqttClient
 from gateway.vault import VaultWriter
 
@@ -155,6 +156,11 @@ class Gateway:
             )
             self._record = self.checkpointer.append
         self.vault = VaultWriter(state / "vault")
+        # Deliveries already made before a crash: skipped when the broker redelivers (exactly once per
+        # destination). Forgotten once the redelivery window has passed.
+        self.done = DoneLog(state / "done")
+        self._done_before = self.done.load()
+        self._done_until = time.monotonic() + 600.0
         # Evidence of violations, sealed under the site's keys like the vault (edgeward decrypt reads it).
         self.quarantine = VaultWriter(state / "quarantine")
         self._last_alert: dict[tuple[str, str], float] = {}
@@ -182,8 +188,9 @@ class Gateway:
             password=config.password,
             on_ack=self._on_uplink_ack,
         )
-        # uplink pid -> (ingest generation, ingest pid); ingest pid -> [outstanding uplink acks, t0]
-        self._uplink_for: dict[int, tuple[int, int]] = {}
+        # uplink pid -> (ingest generation, ingest pid, device, seq, destination);
+        # ingest pid -> [outstanding uplink acks, t0]
+        self._uplink_for: dict[int, tuple[int, int | None, str, int, str]] = {}
         self._pending: dict[int, list[float]] = {}
         self._generation = 0
         self._paused = False
@@ -333,6 +340,7 @@ class Gateway:
         self.stop_shadow()
         self.record_traffic(None)
         self.vault.close()
+        self.done.close()
         self.quarantine.close()
         self.audit.close()
 
@@ -346,7 +354,10 @@ class Gateway:
                 self.checkpointer.tick()
             self.audit.flush()
             self.vault.flush()
-            fds = [f.fileno() for f in (self.audit._fh, self.vault._fh) if not f.closed]
+            if self._done_before and time.monotonic() > self._done_until:
+                self._done_before = {}
+            self.done.flush()
+            fds = [f.fileno() for f in (self.audit._fh, self.vault._fh, self.done._fh) if not f.closed]
             await asyncio.to_thread(_fsync_all, fds)
             self.write_status()
             for f in (self._shadow_log, self._traffic):
@@ -357,7 +368,8 @@ class Gateway:
         # Acks for a dead ingest connection are meaningless: the broker redelivers those messages,
         # and dedupe recognises the ones whose deliveries already went out.
         self._pending.clear()
-        self._uplink_for.clear()
+        # _uplink_for stays: the uplink re-sends what was in flight, and each PUBACK still records
+        # its delivery as done; the generation keeps those from acknowledging new ingest messages.
         self._generation += 1
         if self._paused:
             self._paused = False
@@ -372,6 +384,7 @@ class Gateway:
         vault_append = self.vault.append
         uplink_publish = self.uplink.publish
         ready: list[int] = []
+        vaulted: list[tuple[str, int, str]] = []
         gen = self._generation
         t0 = time.monotonic()
         for m in batch:
@@ -381,6 +394,14 @@ class Gateway:
                 continue
             stats.received += 1
             out = pipeline.process(m.topic, m.payload, retain=m.retain)
+            if self._done_before and out.deliveries:
+                done = self._done_before.get((out.device, out.seq))
+                if done:
+                    # Redelivered after a crash: only the destinations that do not have it yet.
+                    out.deliveries = [d for d in out.deliveries if d.destination not in done]
+                    out.record["redelivery_skipped"] = sorted(done)
+                    if not out.deliveries:
+                        stats.duplicates += 1
             audit_append(out.record)
             if self.shadow is not None and out.decision is not None:
                 self._shadow(out)
@@ -408,11 +429,13 @@ class Gateway:
                 stats.forwarded[d.destination] += 1
                 if d.transport == "vault":
                     vault_append(d.envelope)
+                    vaulted.append((out.device, out.seq, d.destination))
                 else:
                     pid = uplink_publish(d.topic, d.envelope)
-                    if m.packet_id is not None and pid is not None:
-                        self._uplink_for[pid] = (gen, m.packet_id)
-                        n_up += 1
+                    if pid is not None:
+                        self._uplink_for[pid] = (gen, m.packet_id, out.device, out.seq, d.destination)
+                        if m.packet_id is not None:
+                            n_up += 1
             if m.packet_id is not None:
                 if n_up:
                     self._pending[m.packet_id] = [n_up, t0]
@@ -421,6 +444,9 @@ class Gateway:
         # Group commit: one write for the audit records and vault frames of the whole batch, before
         # any of the batch is acknowledged.
         self.vault.flush()
+        for device, seq, dest in vaulted:
+            self.done.add(device, seq, dest)
+        self.done.flush()
         self.quarantine.flush()
         self.audit.flush()
         for pid in ready:
@@ -531,8 +557,10 @@ class Gateway:
         ref = self._uplink_for.pop(uplink_pid, None)
         if ref is None:
             return
-        gen, ingest_pid = ref
-        if gen != self._generation:
+        gen, ingest_pid, device, seq, dest = ref
+        self.done.add(device, seq, dest)  # the destination has it, whatever happens to the ingest ack
+        self._schedule_flush()
+        if gen != self._generation or ingest_pid is None:
             return
         entry = self._pending.get(ingest_pid)
         if entry is None:
@@ -545,12 +573,15 @@ class Gateway:
             lat = self.stats.latency_s
             if len(lat) < 200_000:
                 lat.append(time.monotonic() - entry[1])
-            if not self._flush_scheduled and self._loop is not None:
-                self._flush_scheduled = True
-                self._loop.call_soon(self._flush_acks)
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_acks)
 
     def _flush_acks(self) -> None:
         self._flush_scheduled = False
+        self.done.flush()  # recorded before the PUBACKs that depend on it leave
         self.ingest.flush()
         if self._paused and self.uplink.pending_out < self.config.max_pending // 2:
             transport = self.ingest.transport
