@@ -21,7 +21,7 @@ from device_sim.truth import GroundTruth, SentRecord
 from gateway.catalog import schema_for
 from gateway.detect import SUBFIELD_PRECISION
 
-__all__ = ["Delivered", "TechniqueRow", "leak_report", "format_report"]
+__all__ = ["Delivered", "TechniqueRow", "leak_report", "format_report", "lowbits_in"]
 
 
 @dataclass
@@ -52,7 +52,8 @@ class TechniqueRow:
                 "neutralised": self.neutralised, "leaked": self.leaked}
 
 
-def _lowbits(fields: dict[str, Any], device_type: str, stream: str) -> bytes:
+def lowbits_in(fields: dict[str, Any], device_type: str, stream: str) -> bytes:
+    """The bytes a low-bit channel would carry in these delivered numbers (one per float)."""
     schema = schema_for(device_type, stream)
     out = []
     for spec in schema.fields if schema else ():
@@ -85,7 +86,7 @@ def _leaked(rec: SentRecord, got: Delivered) -> bool:
         return any(isinstance(v, bytes) and len(v) % 256 == secret[0]
                    for _, _, fields in delivered for v in fields.values())
     if rec.technique == "low_bits":
-        return any(_lowbits(f, rec.device_type, s) == secret for _, s, f in got.by_msg.get((rec.device_id, rec.seq), []))
+        return any(lowbits_in(f, rec.device_type, s) == secret for _, s, f in got.by_msg.get((rec.device_id, rec.seq), []))
     forms = secret_forms(secret)
     if any(f in got.names for f in forms):
         return True

@@ -92,11 +92,11 @@ def _cmd_init(args: argparse.Namespace) -> int:
     root = init_site(Path(args.site_dir), policy_src=Path(args.policy), devices=ids,
                      passphrase=_passphrase(confirm=True), device_port=args.device_port,
                      gateway_port=args.gateway_port)
+    from gateway.site import register_recipient
+
     for spec in args.recipient or []:
         dest, _, path = spec.partition("=")
-        from gateway.runtime.demo import _register_recipient
-
-        _register_recipient(root, dest, Path(path))
+        register_recipient(root, dest, Path(path))
     print(f"site created in {root}: CA, {len(ids)} device certificates, KEK (Argon2id), audit signing key, "
           f"policy copy, broker listeners devices:{args.device_port} (mTLS) gateway:{args.gateway_port} (loopback)")
     return 0

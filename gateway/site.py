@@ -50,7 +50,7 @@ from gateway.crypto.pki import (
 from gateway.errors import ConfigError
 from gateway.runtime.broker import BrokerConfig, TlsListener, free_port
 
-__all__ = ["Site", "init_site", "load_site", "add_devices", "render_acl", "mosquitto_password_line", "SITE_FORMAT"]
+__all__ = ["Site", "init_site", "load_site", "add_devices", "register_recipient", "render_acl", "mosquitto_password_line", "SITE_FORMAT"]
 
 SITE_FORMAT = 1
 DEFAULT_DEVICE_PORT = 18883
@@ -353,3 +353,14 @@ def load_site(site_dir: Path, passphrase: str) -> Site:
         devices=tuple(doc.get("devices", ())),
         kek=kek,
     )
+
+
+def register_recipient(site_dir: Path, destination: str, public_key: Path) -> None:
+    """Seal ``destination``'s data to this X25519 public key (PEM): copied into the site and named in
+    site.json, where the runtime picks it up."""
+    doc = json.loads((site_dir / "site.json").read_text())
+    rel = Path("recipients") / f"{destination}.pub"
+    (site_dir / rel).parent.mkdir(exist_ok=True)
+    (site_dir / rel).write_bytes(public_key.read_bytes())
+    doc.setdefault("recipients", {})[destination] = str(rel)
+    (site_dir / "site.json").write_text(json.dumps(doc, indent=2) + "\n")

@@ -77,7 +77,7 @@ async def run_demo(opts: DemoOptions, *, load_policy: Callable[[Path], PolicyLik
     from device_sim import Fleet, make_fleet  # the simulator is a client of the broker, not of the gateway
     from gateway.crypto.recipient import RecipientOpener, generate_recipient_key, load_private_key
     from gateway.runtime.site_runner import SiteRuntime
-    from gateway.site import init_site, load_site
+    from gateway.site import init_site, load_site, register_recipient
 
     tmp = None
     if opts.state_dir is None:
@@ -104,7 +104,7 @@ async def run_demo(opts: DemoOptions, *, load_policy: Callable[[Path], PolicyLik
                              passphrase=passphrase, device_port=0, gateway_port=0)
         # The customs system hands the site its public key: its data is sealed so only it can read it.
         priv, pub = generate_recipient_key(root / "customs-system", "customs_nl")
-        _register_recipient(site_dir, "customs_nl", pub)
+        register_recipient(site_dir, "customs_nl", pub)
         site = load_site(site_dir, passphrase)
         policy = load_policy(site.policy_dir)
         log(f"edgeward demo: site {site.name} created in {time.monotonic() - t_init:.1f}s "
@@ -182,15 +182,6 @@ def _techniques(truth: Any, rx: DestinationReceiver, gw: Gateway, root: Path) ->
         got.add("local_vault", h.device, h.stream, h.seq, decode(pt), "")
     rows = leak_report(truth, got, iter_records(root / "audit"))
     return {r.technique: r.to_json() for r in rows}
-
-
-def _register_recipient(site_dir: Path, destination: str, public_key: Path) -> None:
-    doc = json.loads((site_dir / "site.json").read_text())
-    rel = Path("recipients") / f"{destination}.pub"
-    (site_dir / rel).parent.mkdir(exist_ok=True)
-    (site_dir / rel).write_bytes(public_key.read_bytes())
-    doc.setdefault("recipients", {})[destination] = str(rel)
-    (site_dir / "site.json").write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def _verify_signed(site: Any) -> dict[str, Any]:

@@ -144,7 +144,6 @@ async def test_fleet_end_to_end_accounted_projected_encrypted_audited(broker: Mo
                 assert got[(dest, t.device_id, t.seq)] == expected[dest], (dest, t.device_id, t.seq)
             else:
                 assert (dest, t.device_id, t.seq) not in got
-    assert len(got) == sum(1 for k in got)  # no stray deliveries: every key was matched above
     assert len(got) == sum(n for d, n in gw.stats.forwarded.items() if d != "local_vault")
 
     # the vendor only ever sees health telemetry, never the serial number

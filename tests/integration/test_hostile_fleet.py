@@ -11,8 +11,7 @@ message the destination got decode back to it.
 - ``test_leaks_stopped_by_current_gateway``: techniques today's guards stop (unknown fields, float
   quantisation, topic layout, MQTT properties never forwarded, prohibited fields as unknown fields).
 - ``test_leaks_stopped_after_detectors_wired``: free text, image trailers, manifest weights and
-  device-id suffixes. It FAILS until ``gateway.detect`` is wired into the pipeline (by design: it is
-  the acceptance test of that wiring).
+  device-id suffixes, stopped by ``gateway.detect`` as wired into the guards and the pipeline.
 - ``test_namespace_techniques_stopped_by_rendered_acl``: with the broker ACL the policy renders
   (identity = username, as the certificate CN is on the mTLS listener), foreign namespaces, gateway
   topics, id suffixes, dead drops and wildcard probes get nothing through.
@@ -24,7 +23,7 @@ import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +32,10 @@ import msgpack
 import pytest
 
 from device_sim import Fleet, GroundTruth
-from device_sim.hostile import SUBFIELD_PRECISION, lowbit_decode, secret_forms
+from device_sim.hostile import secret_forms
+from device_sim.report import Delivered, lowbits_in
 from device_sim.scenario import load_scenario
 from gateway.audit.chain import iter_records
-from gateway.catalog import schema_for
 from gateway.crypto.envelope import open_envelope
 from gateway.codec import decode
 from gateway.policy import load_policy
@@ -54,25 +53,9 @@ RUN_S = 3.0
 
 
 @dataclass
-class Received:
-    """What the destinations got: per (device, seq) the decrypted fields per destination; all of it
-    as one byte corpus; topic and device names apart (small, so short secrets can be searched)."""
-
-    by_msg: dict[tuple[str, int], list[tuple[str, str, dict[str, Any]]]] = field(default_factory=lambda: defaultdict(list))
-    corpus: bytearray = field(default_factory=bytearray)
-    names: bytearray = field(default_factory=bytearray)
-    raw_count: int = 0
-
-    def add(self, destination: str, device: str, stream: str, seq: int, fields: dict[str, Any], topic: str) -> None:
-        self.by_msg[(device, seq)].append((destination, stream, fields))
-        self.corpus += topic.encode() + b"\0" + device.encode() + b"\0" + msgpack.packb(fields, use_bin_type=True)
-        self.names += topic.encode() + b"\0" + device.encode() + b"\0"
-
-
-@dataclass
 class Run:
     truth: GroundTruth
-    received: Received
+    received: Delivered
     reasons: dict[str, int]
     forwarded: int
 
@@ -145,7 +128,7 @@ async def _run(workdir: Path, scenario_name: str, *, acl: bool) -> Run:
     finally:
         broker.stop()
 
-    got = Received()
+    got = Delivered()
     for m in rx.messages:
         got.add(m.header.destination, m.header.device, m.header.stream, m.header.seq, m.fields, m.topic)
     for env in read_vault(state / "vault"):
@@ -155,29 +138,11 @@ async def _run(workdir: Path, scenario_name: str, *, acl: bool) -> Run:
         # Envelopes are ciphertext; anything else on edgeward/# came from somewhere it should not.
         got.corpus += topic.encode() + b"\0" + payload + b"\0" + props
         got.names += topic.encode() + b"\0"
-        got.raw_count += 1
     reasons: dict[str, int] = defaultdict(int)
     for r in iter_records(state / "audit"):
         if "reason" in r:
             reasons[r["reason"]] += 1
     return Run(truth, got, dict(reasons), forwarded)
-
-
-def _lowbits_in(fields: dict[str, Any], schema_device_type: str, stream: str) -> bytes:
-    schema = schema_for(schema_device_type, stream)
-    assert schema is not None
-    out = []
-    for spec in schema.fields:
-        if spec.name not in fields:
-            continue
-        if spec.kind == "float":
-            out.append(lowbit_decode(fields[spec.name], spec.precision))
-        elif spec.kind == "records":
-            for rec in fields[spec.name]:
-                p = SUBFIELD_PRECISION.get((spec.name, "weight_kg"))
-                if p is not None and "weight_kg" in rec:
-                    out.append(lowbit_decode(rec["weight_kg"], p))
-    return bytes(out)
 
 
 def leaked(run: Run, record: Any) -> list[str]:
@@ -186,7 +151,7 @@ def leaked(run: Run, record: Any) -> list[str]:
     where: list[str] = []
     if record.technique == "low_bits":
         for dest, stream, fields in run.received.by_msg.get((record.device_id, record.seq), []):
-            if _lowbits_in(fields, record.device_type, stream) == secret:
+            if lowbits_in(fields, record.device_type, stream) == secret:
                 where.append(dest)
         return where
     forms = secret_forms(secret)
