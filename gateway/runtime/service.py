@@ -128,7 +128,12 @@ class Gateway:
         policy: PolicyLike,
         *,
         clock: Callable[[], float] = time.time,
+        dedupe: Any = None,
+        rate: Any = None,
     ) -> None:
+        """``dedupe`` and ``rate`` replace the per-process (device, sequence) window and rate
+        baselines, e.g. with state shared between workers (``is_new(device, seq)`` and
+        ``observe(device, size, now, device_type=...)``)."""
         self.config = config
         self.stats = GatewayStats()
         self._clock = clock
@@ -169,9 +174,10 @@ class Gateway:
         # Set by the runtime that can isolate (SiteRuntime): an async callable taking the device id.
         self.on_isolate: Any = None
         recipients = {d: RecipientSealer(k) for d, k in config.recipient_keys.items()}
-        rate = RateBaseline(headroom=config.rate_headroom) if config.rate_headroom else None
+        if rate is None and config.rate_headroom:
+            rate = RateBaseline(headroom=config.rate_headroom)
         self.pipeline = Pipeline(policy, self.keyring, clock_ms=lambda: int(clock() * 1000), recipients=recipients,
-                                 rate=rate, enforce_rate=rate is not None)
+                                 dedupe=dedupe, rate=rate, enforce_rate=rate is not None)
         self.ingest = MqttClient(
             host=config.host,
             port=config.port,
