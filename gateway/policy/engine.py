@@ -43,6 +43,9 @@ class Destination:
     topic: str  # MQTT topic prefix; "" for the vault
     rest_at_edge: bool
     recipient_key: str | None
+    retime_ms: int = 0
+    spool_max_mb: float = 256.0
+    spool_when_full: str = "refuse_new"
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +221,7 @@ class Policy:
         self._warnings = warnings
         self.destinations: Mapping[str, Destination] = MappingProxyType({
             d.name: Destination(d.name, d.jurisdiction, d.trust, d.transport, d.topic, d.rest_at_edge,
-                                d.recipient_key)
+                                d.recipient_key, d.retime_ms, d.spool_max_mb, d.spool_when_full)
             for d in spec.destinations
         })
         self.size_limits: Mapping[str, int] = MappingProxyType(

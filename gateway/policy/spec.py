@@ -140,6 +140,9 @@ class DestinationSpec:
     requires_contract: bool
     drop_when_empty: bool
     obligations: tuple[ObligationSpec, ...]
+    retime_ms: int = 0  # uplink released in batches every retime_ms (0: at once)
+    spool_max_mb: float = 256.0  # store-and-forward spool bound (rest_at_edge destinations)
+    spool_when_full: str = "refuse_new"  # or "drop_oldest"
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,9 +75,13 @@ _WHEN_KEYS = frozenset({"devices", "device_types", "vendors", "streams", "topics
 _DEST_KEYS = frozenset(
     {
         "jurisdiction", "trust", "transport", "topic", "rest_at_edge", "recipient_key", "on_disallowed_field",
-        "requires_contract", "drop_when_empty", "obligations", "description",
+        "requires_contract", "drop_when_empty", "obligations", "description", "retime_ms", "spool",
     }
 )
+_SPOOL_KEYS = frozenset({"max_mb", "when_full"})
+SPOOL_WHEN_FULL = ("refuse_new", "drop_oldest")
+DEFAULT_RETIME_MS = 1000  # uplinks are released in fixed batches unless a destination says otherwise
+DEFAULT_SPOOL_MB = 256.0
 _OBL_KEYS = frozenset({"id", "when", "remove", "quantize", "drop", "description"})
 _SELECT_KEYS = frozenset({"fields", "classes"})
 TRUST_LEVELS = ("site", "high", "medium", "low", "untrusted")
@@ -663,6 +667,7 @@ def validate_deferred(doc: Document) -> tuple[PolicySpec | None, list[Diagnostic
             drop_when_empty=v.boolean((*p, "drop_when_empty"), m.get("drop_when_empty"), "drop_when_empty",
                                       drop_empty),
             obligations=tuple(obligations),
+            **_delivery(v, p, m, transport),
         ))
 
     rule_order = {b: -len(BUILTIN_RULES) + i for i, b in enumerate(BUILTIN_RULES)}
@@ -694,3 +699,34 @@ def validate_deferred(doc: Document) -> tuple[PolicySpec | None, list[Diagnostic
         return v.diags[done:]
 
     return (None if failed else spec), list(v.diags), lints
+
+
+def _delivery(v: Any, p: Path, m: dict[str, Any], transport: Any) -> dict[str, Any]:
+    """A destination's delivery settings: uplink re-timing and the store-and-forward spool."""
+    retime = m.get("retime_ms")
+    if retime is None:
+        retime_ms = DEFAULT_RETIME_MS if transport == "mqtt" else 0
+    elif isinstance(retime, bool) or not isinstance(retime, int) or not 0 <= retime <= 60_000:
+        v.report((*p, "retime_ms"), "value.retime", "retime_ms must be a whole number of milliseconds, 0..60000",
+                 "0 sends at once (device timing reaches the destination); 1000 releases once a second")
+        retime_ms = DEFAULT_RETIME_MS
+    else:
+        retime_ms = retime
+    spool_mb, when_full = DEFAULT_SPOOL_MB, "refuse_new"
+    sp = m.get("spool")
+    if sp is not None:
+        sm = v.mapping((*p, "spool"), sp, _SPOOL_KEYS, "spool")
+        mb = sm.get("max_mb")
+        if mb is not None:
+            if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not mb > 0:
+                v.report((*p, "spool", "max_mb"), "value.spool_size", "spool max_mb must be a number > 0",
+                         "e.g. max_mb: 512")
+            else:
+                spool_mb = float(mb)
+        when_full = v.enum((*p, "spool", "when_full"), sm.get("when_full"), SPOOL_WHEN_FULL, "when_full",
+                           "refuse_new")
+        if not m.get("rest_at_edge"):
+            v.report((*p, "spool"), "value.spool_without_rest",
+                     "a spool needs rest_at_edge: true (this destination's data may not rest at the edge)",
+                     "remove spool, or set rest_at_edge: true if the data may be kept here while it is down")
+    return {"retime_ms": retime_ms, "spool_max_mb": spool_mb, "spool_when_full": when_full}
