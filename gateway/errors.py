@@ -75,6 +75,11 @@ class AuditError(EdgewardError):
     """The audit log could not be written, or it does not verify."""
 
 
+class StorageFull(EdgewardError):
+    """A local write failed for lack of space; nothing was half-written, and the same write can be
+    retried. The gateway stops taking messages until it succeeds."""
+
+
 class BrokerError(EdgewardError):
     """The private Mosquitto could not be started, configured or reached."""
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from gateway.errors import EdgewardError
+from gateway.fileio import append_all, open_append
 
 __all__ = ["VaultWriter", "read_vault"]
 
@@ -32,7 +33,7 @@ class VaultWriter:
     def _open(self) -> None:
         # A new segment per process start: never append after a possibly torn tail.
         self._path = self.directory / f"vault-{self._seg:06d}.seg"
-        self._fh = open(self._path, "ab")
+        self._fh = open_append(self._path)
         self._size = self._fh.tell()
 
     def append(self, envelope: bytes) -> None:
@@ -42,9 +43,8 @@ class VaultWriter:
 
     def flush(self, *, sync: bool = False) -> None:
         if self._buf:
-            self._fh.write(b"".join(self._buf))
+            append_all(self._fh, b"".join(self._buf), f"vault {self.directory.name}")
             self._buf.clear()
-            self._fh.flush()
         if sync:
             os.fsync(self._fh.fileno())
         if self._size >= self.segment_bytes:

@@ -24,7 +24,8 @@ except ImportError:  # pragma: no cover
     c_make_encoder = None
 from json.encoder import encode_basestring
 
-from gateway.errors import AuditError
+from gateway.errors import AuditError, StorageFull
+from gateway.fileio import append_all, open_append
 
 __all__ = ["AuditLog", "VerifyResult", "verify_chain", "iter_records", "GENESIS"]
 
@@ -68,7 +69,7 @@ class AuditLog:
                 rec = json.loads(tail)
                 self._index = int(rec["i"]) + 1
                 self._prev = rec["h"]
-        self._fh = open(self._path(), "a", encoding="utf-8")
+        self._fh = open_append(self._path())
         self._last_sync = 0.0
 
     def _path(self) -> Path:
@@ -93,25 +94,29 @@ class AuditLog:
         self._buf.append(body[:-1] + ',"h":"' + h + '"}\n')
         self._prev = h
         self._index += 1
-        self._in_file += 1
-        if self._in_file >= self.max_records_per_file:
-            self.flush(sync=True)
-            self._fh.close()
-            self._file_no += 1
-            self._in_file = 0
-            self._fh = open(self._path(), "a", encoding="utf-8")
         return h
 
     def flush(self, *, sync: bool = False, now: float | None = None) -> None:
         """Write the buffered records (one write); fsync when asked or when the interval has passed."""
         try:
-            if self._buf:
-                self._fh.write("".join(self._buf))
-                self._buf.clear()
-                self._fh.flush()
+            buf = self._buf
+            while buf:
+                if self._in_file >= self.max_records_per_file:  # rotate (never to an empty file)
+                    os.fsync(self._fh.fileno())
+                    self._fh.close()
+                    self._file_no += 1
+                    self._in_file = 0
+                    self._fh = open_append(self._path())
+                chunk = buf[: self.max_records_per_file - self._in_file]
+                # All or nothing (a full disk leaves no torn record); what is unwritten stays for a retry.
+                append_all(self._fh, "".join(chunk).encode(), "audit log")
+                self._in_file += len(chunk)
+                del buf[: len(chunk)]
             if sync or (now is not None and now - self._last_sync >= self.fsync_every_s):
                 os.fsync(self._fh.fileno())
                 self._last_sync = now if now is not None else self._last_sync
+        except StorageFull:
+            raise
         except OSError as exc:
             raise AuditError(f"audit log write failed: {exc.strerror}") from exc
 

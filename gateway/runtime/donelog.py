@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from gateway.fileio import append_all, open_append
+
 __all__ = ["DoneLog"]
 
 
@@ -25,7 +27,7 @@ class DoneLog:
         files = self._files()
         self._n = int(files[-1].stem.split("-")[1]) if files else 1
         self._buf: list[str] = []
-        self._fh = open(self._path(), "a", encoding="utf-8")
+        self._fh = open_append(self._path())
 
     def _files(self) -> list[Path]:
         return sorted(self.directory.glob("done-*.log"))
@@ -51,13 +53,12 @@ class DoneLog:
     def flush(self) -> None:
         if not self._buf:
             return
-        self._fh.write("".join(self._buf))
+        append_all(self._fh, "".join(self._buf).encode(), "done log")
         self._buf.clear()
-        self._fh.flush()
         if self._fh.tell() >= self.max_file_bytes:
             self._fh.close()
             self._n += 1
-            self._fh = open(self._path(), "a", encoding="utf-8")
+            self._fh = open_append(self._path())
             for old in self._files()[: -self.keep_files]:
                 old.unlink(missing_ok=True)
 
