@@ -94,10 +94,11 @@ def test_full_table_refuses_new_devices_never_grants() -> None:
         s.close()
 
 
-def _hammer(state: SharedDeviceState, devices: int, seqs: int, seed: int, q: Any) -> None:
+def _hammer(state: SharedDeviceState, devices: int, seqs: int, seed: int, q: Any, start: Any) -> None:
     rng = random.Random(seed)
     order = [(f"dev-{d:04d}", s) for d in range(devices) for s in range(1, seqs + 1)]
     rng.shuffle(order)  # within the window: every sequence is judged, whatever the order
+    start.wait(30)  # both processes up before either starts
     won = [key for key in order if state.is_new(*key)]
     t0 = time.perf_counter()
     for i in range(20_000):
@@ -110,8 +111,8 @@ def test_two_processes_accept_each_key_exactly_once() -> None:
     ctx = multiprocessing.get_context("spawn")
     state = SharedDeviceState(capacity=1024, window=4096, stripes=16, rate=None, ctx=ctx)
     try:
-        q = ctx.Queue()
-        procs = [ctx.Process(target=_hammer, args=(state, 50, 400, seed, q)) for seed in (1, 2)]
+        q, start = ctx.Queue(), ctx.Barrier(2)
+        procs = [ctx.Process(target=_hammer, args=(state, 50, 400, seed, q, start)) for seed in (1, 2)]
         for p in procs:
             p.start()
         results = [q.get(timeout=60) for _ in procs]
@@ -121,7 +122,7 @@ def test_two_processes_accept_each_key_exactly_once() -> None:
         won_a, won_b = results[0][0], results[1][0]
         assert not set(won_a) & set(won_b)
         assert len(won_a) + len(won_b) == 50 * 400
-        assert min(len(won_a), len(won_b)) > 1000  # both really raced for the same keys
+        assert min(len(won_a), len(won_b)) > 500  # both really raced for the same keys
         per_call_us = max(r[1] for r in results) * 1e6
         assert per_call_us < 200, per_call_us  # measured ~3-6 µs; generous for a loaded machine
         assert state.high("dev-0000") == 400
