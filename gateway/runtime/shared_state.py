@@ -6,10 +6,22 @@ two messages of one device (or a message and its redelivery) can reach different
 the rate baseline must then be decided against one state, not N.
 
 Layout. ``stripes`` segments, each an open-addressing table (linear probing) of ``capacity /
-stripes`` slots guarded by its own ``multiprocessing`` lock; a device's 16-byte BLAKE2b digest picks
-the segment and the home slot. A slot, once given to a device, is never taken back (no deletion, no
-eviction), so a process may remember a device's slot offset; every read-modify-write of the slot
-happens under its segment's lock. Slot::
+stripes`` slots guarded by its own lock; a device's 16-byte BLAKE2b digest picks the segment and the
+home slot. A slot, once given to a device, is never taken back (no deletion, no eviction), so a
+process may remember a device's slot offset; every read-modify-write of the slot happens under its
+segment's lock.
+
+The locks are POSIX record locks (``fcntl.lockf``) on byte ``i`` of the shared-memory object itself,
+one byte per segment: striped like ``multiprocessing`` locks, but the kernel releases a lock when its
+holder dies, so a worker killed with SIGKILL inside a critical section (microseconds long) cannot
+wedge the others (a ``multiprocessing.Lock`` would stay taken forever). The price is two system calls
+per call. Measured on the 2-core development machine (1,000 devices, 200,000 calls): ``is_new`` 4.8 µs
+(5.9 µs through a worker's view, which also notes the acceptance), ``observe`` 4.2 µs, against 0.6
+and 2.7 µs for the per-process DedupeWindow and RateBaseline: a few µs on a gateway that spends
+hundreds of µs of CPU per message.
+An update is ordered so that a worker killed inside it leaves the key either unrecorded (accepted
+again on redelivery) or fully recorded (``WorkerDeviceState`` explains how the killed worker gets its
+own unacknowledged messages back). Slot::
 
     digest 16s | used u8 | dedupe_init u8 | rate_init u8 | pad 5 | high q | msgs d | bytes d | t d
     | bitmap (window bits: bit ``seq % window`` set = that sequence was seen)
@@ -37,15 +49,15 @@ state lives as long as the run: dedupe across restarts is the done log's job (ga
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import struct
+from fcntl import LOCK_EX, LOCK_UN, lockf
 from multiprocessing import shared_memory
 from typing import Any
 
 from gateway.catalog import DEVICE_TYPES
 from gateway.detect import RateBaseline
 
-__all__ = ["STATE_FULL", "SharedDeviceState"]
+__all__ = ["STATE_FULL", "SharedDeviceState", "WorkerDeviceState"]
 
 STATE_FULL = "state.full"
 _HDR = struct.Struct("<16sBBB5xqddd")  # digest, used, dedupe_init, rate_init, high, msgs, bytes, t
@@ -57,6 +69,7 @@ _OFF_RATE_INIT = 18
 _OFF_HIGH = 24
 _OFF_BUCKET = 32
 _OFF_BITMAP = _HDR.size  # 56
+_RING_ENTRY = struct.Struct("<8sq")  # device digest prefix, seq
 
 
 def _digest(device: str) -> bytes:
@@ -66,8 +79,9 @@ def _digest(device: str) -> bytes:
 class SharedDeviceState:
     """Dedupe window + rate baselines for every device, shared between processes.
 
-    Pass the same object as ``Gateway(..., dedupe=state, rate=state)``. ``rate=None`` at creation
-    turns the rate baseline off (``observe`` then always returns None)."""
+    Pass the same object as ``Gateway(..., dedupe=state, rate=state)``, or in a worker the view
+    ``state.for_worker(i)``. ``rate=None`` turns the rate baseline off (``observe`` returns None).
+    ``workers`` reserves one acceptance ring per worker (see ``for_worker``)."""
 
     def __init__(
         self,
@@ -76,39 +90,45 @@ class SharedDeviceState:
         window: int = 4096,
         stripes: int = 64,
         rate: RateBaseline | None = None,
-        ctx: Any = None,
+        workers: int = 0,
+        ring: int = 8192,
     ) -> None:
-        if capacity < 1 or window < 8 or window % 8 or stripes < 1:
-            raise ValueError("capacity >= 1, window a multiple of 8 (>= 8), stripes >= 1")
-        ctx = ctx or multiprocessing.get_context("spawn")
+        if capacity < 1 or window < 8 or window % 8 or stripes < 1 or workers < 0 or ring < 1:
+            raise ValueError("capacity >= 1, window a multiple of 8 (>= 8), stripes >= 1, ring >= 1")
         self.stripes = min(stripes, capacity)
         self.seg_slots = -(-capacity // self.stripes)
         self.capacity = self.seg_slots * self.stripes
         self.window = window
         self.slot_size = -(-(_OFF_BITMAP + window // 8) // 64) * 64  # cache-line aligned
         self.baseline = rate
-        self._locks = [ctx.Lock() for _ in range(self.stripes)]
-        self._shm = shared_memory.SharedMemory(create=True, size=self.capacity * self.slot_size)
+        self.workers, self.ring = workers, ring
+        self.ring_size = -(-(8 + ring * _RING_ENTRY.size) // 64) * 64
+        self.slots_base = workers * self.ring_size
+        size = self.slots_base + self.capacity * self.slot_size
+        self._shm = shared_memory.SharedMemory(create=True, size=size)
         self._owner = True
         self._attach()
 
     # ------------------------------------------------------------------ process plumbing
     def _attach(self) -> None:
         self._buf = self._shm.buf
-        self._slots: dict[str, int] = {}  # device -> slot offset (slots are never reassigned)
+        self._fd = self._shm._fd  # the object's own descriptor: the record locks live on it
+        self._slots: dict[str, tuple[int, int, bytes]] = {}  # device -> (offset, segment, digest)
         self._limits: dict[str, tuple[float, float, float, float]] = {}
         self.refused_full = 0
 
     def __getstate__(self) -> dict[str, Any]:
-        # Only while spawning a process (the locks refuse to pickle otherwise).
+        # For multiprocessing (spawn): the child attaches by name.
         return {"name": self._shm.name, "stripes": self.stripes, "seg_slots": self.seg_slots,
                 "capacity": self.capacity, "window": self.window, "slot_size": self.slot_size,
-                "baseline": self.baseline, "locks": self._locks}
+                "baseline": self.baseline, "workers": self.workers, "ring": self.ring,
+                "ring_size": self.ring_size, "slots_base": self.slots_base}
 
     def __setstate__(self, st: dict[str, Any]) -> None:
         self.stripes, self.seg_slots, self.capacity = st["stripes"], st["seg_slots"], st["capacity"]
         self.window, self.slot_size, self.baseline = st["window"], st["slot_size"], st["baseline"]
-        self._locks = st["locks"]
+        self.workers, self.ring, self.ring_size = st["workers"], st["ring"], st["ring_size"]
+        self.slots_base = st["slots_base"]
         # A spawned child shares its parent's resource tracker, so attaching registers nothing new and
         # the block is unlinked once, by its owner.
         self._shm = shared_memory.SharedMemory(name=st["name"])
@@ -132,76 +152,104 @@ class SharedDeviceState:
             except FileNotFoundError:
                 pass
 
+    def for_worker(self, index: int) -> WorkerDeviceState:
+        """Worker ``index``'s view (call it in the worker process, once per start)."""
+        if not 0 <= index < self.workers:
+            raise ValueError(f"worker {index}: this state has rings for {self.workers} workers")
+        return WorkerDeviceState(self, index)
+
     # ------------------------------------------------------------------ slots
-    def _slot(self, device: str, *, create: bool) -> tuple[int, Any] | None:
-        """(offset, lock) of the device's slot; None when it has none (and, with ``create``, the
-        segment is full). Takes and releases the segment lock only to claim a new slot."""
-        off = self._slots.get(device)
-        d = None
-        if off is None:
-            d = _digest(device)
-            h = int.from_bytes(d[:8], "little")
-            seg = h % self.stripes
-            lock = self._locks[seg]
-            n = self.seg_slots
-            base = seg * n
-            home = (h >> 16) % n
-            buf, size = self._buf, self.slot_size
-            with lock:
-                for k in range(n):
-                    o = (base + (home + k) % n) * size
-                    key, used = _DIGEST.unpack_from(buf, o)
-                    if used and key == d:
-                        break
-                    if not used:
-                        if not create:
-                            return None
-                        buf[o:o + size] = bytes(size)
-                        _DIGEST.pack_into(buf, o, d, 1)
-                        break
-                else:
-                    return None
-            self._slots[device] = off = o
-            return off, lock
-        return off, self._locks[(off // self.slot_size) // self.seg_slots]
+    def _slot(self, device: str, *, create: bool) -> tuple[int, int, bytes] | None:
+        """(offset, segment, digest) of the device's slot; None when it has none (and, with ``create``,
+        the segment is full). Takes the segment lock only to find or claim the slot."""
+        got = self._slots.get(device)
+        if got is not None:
+            return got
+        d = _digest(device)
+        h = int.from_bytes(d[:8], "little")
+        seg = h % self.stripes
+        n = self.seg_slots
+        base = seg * n
+        home = (h >> 16) % n
+        buf, size, fd, first = self._buf, self.slot_size, self._fd, self.slots_base
+        lockf(fd, LOCK_EX, 1, seg)
+        try:
+            for k in range(n):
+                o = first + (base + (home + k) % n) * size
+                key, used = _DIGEST.unpack_from(buf, o)
+                if used and key == d:
+                    break
+                if not used:
+                    if not create:
+                        return None
+                    buf[o:o + size] = bytes(size)
+                    _DIGEST.pack_into(buf, o, d, 1)
+                    break
+            else:
+                return None
+        finally:
+            lockf(fd, LOCK_UN, 1, seg)
+        got = self._slots[device] = (o, seg, d)
+        return got
 
     # ------------------------------------------------------------------ dedupe (DedupeWindow.is_new)
     def is_new(self, device: str, seq: int) -> bool:
         """True the first time (device, seq) is offered in any process, False for a repeat; records it."""
+        return self._is_new(device, seq, -1)
+
+    def _is_new(self, device: str, seq: int, ring: int) -> bool:
         got = self._slot(device, create=True)
         if got is None:
             self.refused_full += 1
             return False  # no slot: refused, never granted (see the module docstring)
-        off, lock = got
-        buf = self._buf
+        off, seg, _ = got
+        buf, fd = self._buf, self._fd
         w = self.window
         bm = off + _OFF_BITMAP
-        with lock:
-            if not buf[off + _OFF_DEDUPE_INIT]:
+        p = seq % w
+        i = bm + (p >> 3)
+        bit = 1 << (p & 7)
+        lockf(fd, LOCK_EX, 1, seg)
+        try:
+            init = buf[off + _OFF_DEDUPE_INIT]
+            if init:
+                (high,) = _HIGH.unpack_from(buf, off + _OFF_HIGH)
+                if seq <= high and (seq <= high - w or buf[i] & bit):
+                    return False
+            if ring >= 0:  # noted as accepted by this worker before the window records it
+                self._note(device, seq, ring)
+            if not init:
                 buf[off + _OFF_DEDUPE_INIT] = 1
                 _HIGH.pack_into(buf, off + _OFF_HIGH, seq)
-                p = seq % w
-                buf[bm + (p >> 3)] |= 1 << (p & 7)
-                return True
-            (high,) = _HIGH.unpack_from(buf, off + _OFF_HIGH)
-            if seq > high:
+            elif seq > high:
                 if seq - high >= w:
                     buf[bm:bm + w // 8] = bytes(w // 8)
                 else:
                     _clear(buf, bm, w, high + 1, seq)
                 _HIGH.pack_into(buf, off + _OFF_HIGH, seq)
-                p = seq % w
-                buf[bm + (p >> 3)] |= 1 << (p & 7)
-                return True
-            if seq <= high - w:
-                return False
-            p = seq % w
-            i = bm + (p >> 3)
-            bit = 1 << (p & 7)
-            if buf[i] & bit:
-                return False
             buf[i] |= bit
             return True
+        finally:
+            lockf(fd, LOCK_UN, 1, seg)
+
+    def _note(self, device: str, seq: int, ring: int) -> None:
+        """Add (device, seq) to worker ``ring``'s ring (only that worker writes its ring)."""
+        digest = self._slots[device][2]
+        r = ring * self.ring_size
+        buf = self._buf
+        (n,) = _HIGH.unpack_from(buf, r)
+        _RING_ENTRY.pack_into(buf, r + 8 + (n % self.ring) * _RING_ENTRY.size, digest[:8], seq)
+        _HIGH.pack_into(buf, r, n + 1)
+
+    def _ring_keys(self, ring: int) -> set[tuple[bytes, int]]:
+        """The (digest prefix, seq) pairs worker ``ring`` accepted most recently; the ring is reset."""
+        r = ring * self.ring_size
+        buf = self._buf
+        (n,) = _HIGH.unpack_from(buf, r)
+        out = {_RING_ENTRY.unpack_from(buf, r + 8 + (k % self.ring) * _RING_ENTRY.size)
+               for k in range(max(0, n - self.ring), n)}
+        _HIGH.pack_into(buf, r, 0)
+        return out
 
     # ------------------------------------------------------------------ rate (RateBaseline.observe)
     def observe(self, device: str, size: int, now: float, *, device_type: str) -> str | None:
@@ -218,10 +266,11 @@ class SharedDeviceState:
         if got is None:
             self.refused_full += 1
             return STATE_FULL
-        off, lock = got
-        buf = self._buf
+        off, seg, _ = got
+        buf, fd = self._buf, self._fd
         ob = off + _OFF_BUCKET
-        with lock:
+        lockf(fd, LOCK_EX, 1, seg)
+        try:
             if not buf[off + _OFF_RATE_INIT]:
                 buf[off + _OFF_RATE_INIT] = 1
                 msgs, nbytes = burst, byte_burst
@@ -242,6 +291,8 @@ class SharedDeviceState:
                 msgs -= 1.0
                 nbytes -= size
             _BUCKET.pack_into(buf, ob, msgs, nbytes, now)
+        finally:
+            lockf(fd, LOCK_UN, 1, seg)
         return code
 
     # ------------------------------------------------------------------ inspection
@@ -250,21 +301,58 @@ class SharedDeviceState:
         got = self._slot(device, create=False)
         if got is None:
             return None
-        off, lock = got
-        with lock:
-            if not self._buf[off + _OFF_DEDUPE_INIT]:
-                return None
-            return int(_HIGH.unpack_from(self._buf, off + _OFF_HIGH)[0])
+        off = got[0]
+        if not self._buf[off + _OFF_DEDUPE_INIT]:
+            return None
+        return int(_HIGH.unpack_from(self._buf, off + _OFF_HIGH)[0])
 
     def __len__(self) -> int:
-        """Devices with a slot (all segments; takes each lock in turn)."""
-        n = 0
-        buf, size = self._buf, self.slot_size
-        for seg, lock in enumerate(self._locks):
-            with lock:
-                start = seg * self.seg_slots
-                n += sum(buf[(start + k) * size + 16] for k in range(self.seg_slots))
-        return n
+        """Devices with a slot."""
+        buf, size, first = self._buf, self.slot_size, self.slots_base
+        return sum(buf[first + k * size + 16] for k in range(self.capacity))
+
+
+class WorkerDeviceState:
+    """Worker ``index``'s view of the shared state: ``is_new`` and ``observe`` as the shared object,
+    plus the one thing a worker restart needs.
+
+    A worker killed after accepting (device, seq) but before the broker got its PUBACK gets that
+    message again from the broker when it restarts (same client id, persistent session), while the
+    shared window already says "seen": refused, it would be lost. So every acceptance is first noted
+    in this worker's ring in the shared memory (under the same lock, before the window records it, so
+    a kill at any point leaves the key either unrecorded or in the ring). A restarted worker reads the
+    ring of its previous life: those keys are accepted once more, and the worker's done log then
+    keeps every destination that already had the message from getting it twice, as for a single
+    gateway after a crash. The ring holds the last ``ring`` acceptances (default 8192: more than the
+    broker lets be unacknowledged to one client, ``max_inflight_messages`` 1000)."""
+
+    def __init__(self, shared: SharedDeviceState, index: int) -> None:
+        self.shared = shared
+        self.index = index
+        self.baseline = shared.baseline
+        self.observe = shared.observe
+        self.previous = shared._ring_keys(index)  # accepted by this worker's previous life
+        self.reaccepted = 0
+
+    def is_new(self, device: str, seq: int) -> bool:
+        if self.shared._is_new(device, seq, self.index):
+            return True
+        prev = self.previous
+        if prev:
+            got = self.shared._slot(device, create=False)
+            key = (got[2][:8], seq) if got is not None else None
+            if key in prev:
+                prev.discard(key)
+                self.shared._note(device, seq, self.index)
+                self.reaccepted += 1
+                return True
+        return False
+
+    def high(self, device: str) -> int | None:
+        return self.shared.high(device)
+
+    def __len__(self) -> int:
+        return len(self.shared)
 
 
 def _clear(buf: Any, bm: int, w: int, lo: int, hi: int) -> None:

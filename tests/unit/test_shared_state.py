@@ -109,7 +109,7 @@ def _hammer(state: SharedDeviceState, devices: int, seqs: int, seed: int, q: Any
 
 def test_two_processes_accept_each_key_exactly_once() -> None:
     ctx = multiprocessing.get_context("spawn")
-    state = SharedDeviceState(capacity=1024, window=4096, stripes=16, rate=None, ctx=ctx)
+    state = SharedDeviceState(capacity=1024, window=4096, stripes=16, rate=None)
     try:
         q, start = ctx.Queue(), ctx.Barrier(2)
         procs = [ctx.Process(target=_hammer, args=(state, 50, 400, seed, q, start)) for seed in (1, 2)]
@@ -128,3 +128,49 @@ def test_two_processes_accept_each_key_exactly_once() -> None:
         assert state.high("dev-0000") == 400
     finally:
         state.close()
+
+
+def test_restarted_worker_gets_back_what_it_accepted_and_others_do_not() -> None:
+    s = SharedDeviceState(capacity=64, window=64, stripes=4, rate=None, workers=2)
+    try:
+        w0 = s.for_worker(0)
+        assert w0.is_new("a", 1) and w0.is_new("a", 2) and w0.is_new("b", 7)
+        assert not w0.is_new("a", 1)
+        # worker 0 dies before acknowledging; the broker redelivers its messages to it alone
+        w0 = s.for_worker(0)
+        w1 = s.for_worker(1)
+        assert not w1.is_new("a", 1)  # another worker: a duplicate
+        assert w0.is_new("a", 1) and w0.is_new("b", 7)  # its own unacknowledged messages: accepted again
+        assert not w0.is_new("a", 1)  # ...once
+        assert w0.reaccepted == 2
+        w0 = s.for_worker(0)  # and again after a second crash: the re-acceptance was noted too
+        assert w0.is_new("a", 1) and not w0.is_new("a", 3 - 3 + 1)
+    finally:
+        s.close()
+
+
+def _hold_lock(name: str, ready: Any) -> None:
+    import fcntl
+    from multiprocessing import shared_memory
+
+    shm = shared_memory.SharedMemory(name=name)
+    fcntl.lockf(shm._fd, fcntl.LOCK_EX, 1, 0)
+    ready.set()
+    time.sleep(60)
+
+
+def test_a_worker_killed_holding_a_lock_does_not_wedge_the_others() -> None:
+    ctx = multiprocessing.get_context("spawn")
+    s = SharedDeviceState(capacity=8, window=64, stripes=1, rate=None)
+    try:
+        ready = ctx.Event()
+        p = ctx.Process(target=_hold_lock, args=(s.name, ready))
+        p.start()
+        assert ready.wait(30)
+        p.kill()
+        p.join(10)
+        t0 = time.monotonic()
+        assert s.is_new("a", 1)
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        s.close()
