@@ -2,7 +2,7 @@
 
     edgeward demo [--devices N] [--seconds S] [--json]   broker + gateway + fleet, live view, report
     edgeward init SITE_DIR --devices N                    a site: CA, certificates, KEK, audit key, policy
-    edgeward run SITE_DIR                                 the site's broker and gateway, until Ctrl-C
+    edgeward run SITE_DIR [--workers N]                   the site's broker and gateway(s), until Ctrl-C
     edgeward sim SITE_DIR --devices N --seconds S         a simulated fleet over mTLS against a running site
     edgeward devices list|revoke|isolate|release SITE_DIR [ID]   device identities (CRL: revoke or hold)
     edgeward policy check|test|explain|diff ...           the operator's policy tools
@@ -106,12 +106,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from gateway.runtime.reload import PolicyReloader
     from gateway.runtime.site_runner import SiteRuntime
 
+    if args.workers < 1:
+        raise EdgewardError("--workers must be at least 1")
     site = _open_site(args.site_dir)
     policy = _load_policy(site.policy_dir)
     shadow = _load_policy(Path(args.shadow)) if args.shadow else None
 
     def log(s: str) -> None:
         print(s, file=sys.stderr, flush=True)
+
+    if args.workers > 1:
+        return _run_workers(args, site, policy, log)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -134,6 +139,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
             await gw.serve(stop)
             await watcher
             log(json.dumps(gw.stats.to_json()))
+
+    _run(main())
+    return 0
+
+
+def _run_workers(args: argparse.Namespace, site: Any, policy: Any, log: Any) -> int:
+    """``run --workers N``: one broker, N gateway processes on a shared subscription (docs/scaling.md)."""
+    from gateway.runtime.workers import SiteWorkers
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        sw = SiteWorkers(site, policy, workers=args.workers, log=log, state_capacity=args.state_capacity,
+                         shadow=args.shadow, record_traffic=args.record_traffic)
+        async with sw:
+            loop.add_signal_handler(signal.SIGHUP, lambda: sw.signal_workers(signal.SIGHUP))
+            log(f"{args.workers} workers running; edit {site.policy_dir} (or SIGHUP) to reload; Ctrl-C stops")
+            await sw.supervise(stop)
+        for i in sorted(sw.final):
+            log(f"worker {i}: " + json.dumps(sw.final[i]))
+        log(json.dumps(sw.total_stats()))
 
     _run(main())
     return 0
@@ -166,6 +194,54 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     return 0 if not truth.failed else 1
 
 
+def _read_status(root: Path) -> dict[str, Any] | None:
+    """The running gateway's status.json, or with workers their status files added up (per worker
+    under ``workers``)."""
+    from gateway.runtime.workers import merge_stats, read_workers_file, worker_state_dir
+
+    info = read_workers_file(root)
+    if info is None:
+        path = root / "status.json"
+        return json.loads(path.read_text()) if path.exists() else None
+    parts: dict[str, Any] = {}
+    for i in range(int(info["workers"])):
+        path = worker_state_dir(root, i) / "status.json"
+        if path.exists():
+            parts[str(i)] = json.loads(path.read_text())
+    if not parts:
+        return None
+    sts = list(parts.values())
+
+    def joined(key: str) -> str:
+        vals = sorted({str(p[key]) for p in sts})
+        return vals[0] if len(vals) == 1 else "/".join(str(p[key]) for p in sts)
+
+    dests: dict[str, Any] = {}
+    for p in sts:
+        for name, d in p["destinations"].items():
+            agg = dests.setdefault(name, {**d, "forwarded": 0, "state": "up"})
+            agg["forwarded"] += d["forwarded"]
+            if d["state"] != "up":
+                agg["state"] = "down"
+    missing = int(info["workers"]) - len(parts)
+    return {
+        "t": min(p["t"] for p in sts),
+        "workers": int(info["workers"]),
+        "policy_revision": joined("policy_revision"),
+        "ingest": "connected" if not missing and all(p["ingest"] == "connected" for p in sts) else "degraded",
+        "uplink": "connected" if not missing and all(p["uplink"] == "connected" for p in sts) else "degraded",
+        "uplink_backlog": sum(p["uplink_backlog"] for p in sts),
+        "awaiting_uplink_ack": sum(p["awaiting_uplink_ack"] for p in sts),
+        "paused": any(p["paused"] for p in sts),
+        "isolated": sorted({d for p in sts for d in p["isolated"]}),
+        "destinations": dests,
+        "stats": merge_stats([p["stats"] for p in sts]),
+        "per_worker": {i: {k: p[k] for k in ("t", "policy_revision", "ingest", "uplink", "uplink_backlog", "paused")}
+                       | {"received": p["stats"]["received"], "decided": p["stats"]["decided"]}
+                       for i, p in parts.items()},
+    }
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     import time as _time
 
@@ -173,11 +249,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     root = Path(args.site_dir)
     info = read_runtime_info(root)
-    path = root / "status.json"
-    if info is None or not path.exists():
+    st = _read_status(root) if info is not None else None
+    if info is None or st is None:
         print(json.dumps({"running": False}) if args.json else f"no gateway is running for {root}")
         return 1
-    st = json.loads(path.read_text())
     st["running"] = True
     st["age_s"] = round(_time.time() - st["t"], 1)
     st["broker"] = info
@@ -185,11 +260,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(st, indent=2))
         return 0
     s = st["stats"]
-    print(f"gateway: ingest {st['ingest']}, uplink {st['uplink']}, policy {st['policy_revision']} "
+    workers = f"{st['workers']} workers, " if "workers" in st else ""
+    print(f"gateway: {workers}ingest {st['ingest']}, uplink {st['uplink']}, policy {st['policy_revision']} "
           f"(status {st['age_s']}s old); broker pid {info['pid']}, devices :{info['device_port']}")
     print(f"  received {s['received']}, decided {s['decided']}, duplicates {s['duplicates']}, "
           f"rejected {sum(s['rejected'].values())}, uplink backlog {st['uplink_backlog']}"
           f"{' (ingest paused)' if st['paused'] else ''}")
+    for i, w in st.get("per_worker", {}).items():
+        print(f"  worker {i}: ingest {w['ingest']}, uplink {w['uplink']}, received {w['received']}, "
+              f"decided {w['decided']}, backlog {w['uplink_backlog']}")
     for name, d in st["destinations"].items():
         print(f"  {name:20} {d['transport']:5} {d['jurisdiction']:8} {d['state']:5} forwarded {d['forwarded']}")
     if st["isolated"]:
@@ -233,20 +312,33 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
 
     path = Path(args.path)
     if (path / "site.json").exists():
-        from gateway.audit.checkpoint import load_verify_key, verify_with_checkpoints
+        from gateway.audit.checkpoint import load_verify_key
+        from gateway.audit.site_verify import verify_site
 
         pub = load_verify_key(path / "keys" / "audit-signing.key.pub")
-        published_path = path / "audit" / "published-checkpoints.jsonl"
-        published = [json.loads(x) for x in published_path.read_text().splitlines() if x.strip()] \
-            if published_path.exists() else []
-        c = verify_with_checkpoints(path / "audit", pub, published=published)
+        v = verify_site(path, pub)
+        if list(v.chains) == ["site"]:  # a single gateway: one chain, reported as before
+            c = v.chains["site"]
+            if args.json:
+                print(json.dumps(c.to_json()))
+            elif c.ok:
+                print(f"audit chain OK with {c.checkpoints} signed checkpoints ({c.published} published)")
+            else:
+                print("audit chain BROKEN: " + "; ".join(c.errors))
+            return 0 if c.ok else 1
         if args.json:
-            print(json.dumps(c.to_json()))
-        elif c.ok:
-            print(f"audit chain OK with {c.checkpoints} signed checkpoints ({c.published} published)")
-        else:
-            print("audit chain BROKEN: " + "; ".join(c.errors))
-        return 0 if c.ok else 1
+            print(json.dumps(v.to_json()))
+            return 0 if v.ok else 1
+        for name, c in v.chains.items():
+            if c.ok:
+                print(f"{name}: audit chain OK, {c.chain.records} records, {c.checkpoints} signed checkpoints "
+                      f"({c.published} published)")
+            else:
+                print(f"{name}: audit chain BROKEN: " + "; ".join(c.errors))
+        bad = [n for n, c in v.chains.items() if not c.ok]
+        print(f"total: {len(v.chains)} chains, {v.records} records, {v.checkpoints} signed checkpoints "
+              f"({v.published} published): " + ("OK" if not bad else f"BROKEN ({', '.join(bad)})"))
+        return 0 if v.ok else 1
     if (path / "audit").is_dir():
         path = path / "audit"
     r = verify_chain(path)
@@ -277,22 +369,38 @@ def _cmd_decrypt(args: argparse.Namespace) -> int:
     from gateway.vault import read_vault
 
     state = Path(args.state_dir)
-    ring = _keyring(state)
-    vault = state / "vault"
     n = 0
-    for env in read_vault(vault):
-        header, pt = open_envelope(ring, env)
-        if args.device and header.device != args.device:
-            continue
-        fields = decode(pt)
-        print(json.dumps({"device": header.device, "stream": header.stream, "seq": header.seq, "ts": header.ts,
-                          "destination": header.destination, "revision": header.revision,
-                          "fields": {k: (f"<{len(v)} bytes>" if isinstance(v, bytes) else v) for k, v in fields.items()}}))
-        n += 1
-        if args.limit and n >= args.limit:
-            break
+    for ring, vault in _vaults(state):
+        for env in read_vault(vault):
+            header, pt = open_envelope(ring, env)
+            if args.device and header.device != args.device:
+                continue
+            fields = decode(pt)
+            print(json.dumps({"device": header.device, "stream": header.stream, "seq": header.seq, "ts": header.ts,
+                              "destination": header.destination, "revision": header.revision,
+                              "fields": {k: (f"<{len(v)} bytes>" if isinstance(v, bytes) else v)
+                                         for k, v in fields.items()}}))
+            n += 1
+            if args.limit and n >= args.limit:
+                print(f"{n} record(s) decrypted", file=sys.stderr)
+                return 0
     print(f"{n} record(s) decrypted", file=sys.stderr)
     return 0
+
+
+def _vaults(state: Path) -> list[tuple[Any, Path]]:
+    """(keyring, vault directory) for the site's own vault and every worker's (``--workers N``): each
+    worker seals under its own data keys, wrapped under the one site KEK."""
+    from gateway.runtime.workers import worker_dirs
+
+    workers = [p for _, p in worker_dirs(state) if (p / "vault").is_dir()]
+    if not workers or not (state / "site.json").exists():
+        return [(_keyring(state), state / "vault")]
+    from gateway.crypto.keys import DataKeyring
+
+    site = _open_site(str(state))
+    out = [(DataKeyring(site.keyring_path, site.kek), state / "vault")] if (state / "vault").is_dir() else []
+    return out + [(DataKeyring(p / "keys" / "datakeys.jsonl", site.kek), p / "vault") for p in workers]
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
@@ -343,7 +451,13 @@ def _build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="the site's broker and gateway, until Ctrl-C (policy edits and SIGHUP reload)")
     r.add_argument("site_dir")
     r.add_argument("--shadow", help="a candidate policy to run in shadow (never enforced; divergences reported)")
-    r.add_argument("--record-traffic", help="append the facts of every decided message here (JSON lines)")
+    r.add_argument("--record-traffic", help="append the facts of every decided message here (JSON lines; "
+                                            "with workers, one file per worker: FILE.w<i>)")
+    r.add_argument("--workers", type=int, default=1,
+                   help="gateway processes sharing the ingest through an MQTT shared subscription (default 1)")
+    r.add_argument("--state-capacity", type=int, default=65_536,
+                   help="with --workers: devices the shared dedupe/rate state holds (new devices beyond it "
+                        "are refused with state.full)")
     r.set_defaults(func=_cmd_run)
 
     sm = sub.add_parser("sim", help="run a simulated fleet against a running site (devices over mTLS)")

@@ -25,22 +25,66 @@ from gateway.runtime.mqtt import Message, MqttClient
 from gateway.runtime.service import Gateway, GatewayConfig
 from gateway.site import Site, mosquitto_password_line
 
-__all__ = ["OPERATOR_USER", "SiteRuntime", "render_site_acl", "recipient_keys"]
+__all__ = ["OPERATOR_USER", "SiteRuntime", "recipient_keys", "render_site_acl", "start_site_broker"]
 
 OPERATOR_USER = "edgeward-operator"
 
 
 def render_site_acl(policy: Any) -> str:
     """The policy's ACL, plus what the runtime itself needs: the gateway reads the broker's drop
-    counter; the operator identity reads the gateway's own topics (alerts, checkpoints, uplinks)."""
+    counter and, when several workers share the ingest (``edgeward run --workers N``), subscribes to
+    the devices' namespace through the shared subscription ``$share/edgeward/...``; the operator
+    identity reads the gateway's own topics (alerts, checkpoints, uplinks).
+
+    Mosquitto 2.0 checks a shared subscription against the ACL with the ``$share/<group>/`` prefix
+    removed (the policy's ``topic read site/<site>/dev/#`` already grants it; tested in
+    tests/integration/test_workers.py); the explicit line keeps it granted on brokers that match the
+    full filter."""
     return (
         policy.render_acl().rstrip("\n")
         + "\n\n# Runtime needs (rendered by edgeward.runtime.site_runner).\n"
         + f"user {GATEWAY_CN}\n"
-        + "topic read $SYS/broker/publish/messages/dropped\n\n"
+        + "topic read $SYS/broker/publish/messages/dropped\n"
+        + f"topic read $share/edgeward/site/{policy.site}/dev/#\n\n"
         + f"user {OPERATOR_USER}\n"
         + "topic read edgeward/#\n"
     )
+
+
+def start_broker_process(site: Site, policy: Any, operator_password: bytes) -> MosquittoBroker:
+    """The site's Mosquitto: rendered ACL (policy + runtime needs), the operator's in-memory password,
+    started; ``broker/runtime.json`` names it for ``edgeward status`` and ``devices isolate``."""
+    site.broker_dir.mkdir(parents=True, exist_ok=True)
+    acl = site.broker_dir / "acl"
+    acl.write_text(render_site_acl(policy))
+    config = site.broker_config(acl_file=acl)
+    assert config.password_file is not None
+    with open(config.password_file, "a") as f:  # the operator's password exists only in memory here
+        f.write(mosquitto_password_line(OPERATOR_USER, operator_password.decode()))
+    broker = MosquittoBroker(config)
+    broker.start()
+    assert broker.proc is not None and broker.config.tls is not None
+    write_runtime_info(site.root, pid=broker.proc.pid, gateway_port=broker.port, device_port=broker.config.tls.port)
+    return broker
+
+
+async def start_site_broker(
+    site: Site, policy: Any, on_checkpoints: Callable[[list[Message]], None], *, checkpoint_filter: str,
+    operator_password: bytes,
+) -> tuple[MosquittoBroker, MqttClient]:
+    """The broker, and the operator's client subscribed to the published checkpoints (for runtimes
+    other than SiteRuntime: the workers). The caller acknowledges each message it handles."""
+    password = operator_password
+    broker = start_broker_process(site, policy, password)
+    try:
+        operator = MqttClient(host="127.0.0.1", port=broker.port, client_id="edgeward-operator-checkpoints",
+                              username=OPERATOR_USER, password=password, on_messages=on_checkpoints)
+        await operator.connect()
+        await operator.subscribe((checkpoint_filter, 1))
+    except BaseException:
+        broker.stop()
+        raise
+    return broker, operator
 
 
 def recipient_keys(site: Site, policy: Any) -> dict[str, Any]:
@@ -85,18 +129,7 @@ class SiteRuntime:
 
     async def __aenter__(self) -> SiteRuntime:
         site = self.site
-        site.broker_dir.mkdir(parents=True, exist_ok=True)
-        acl = site.broker_dir / "acl"
-        acl.write_text(render_site_acl(self.policy))
-        config = site.broker_config(acl_file=acl)
-        assert config.password_file is not None
-        with open(config.password_file, "a") as f:  # the operator's password exists only in memory here
-            f.write(mosquitto_password_line(OPERATOR_USER, self.operator_password.decode()))
-        self.broker = MosquittoBroker(config)
-        self.broker.start()
-        assert self.broker.proc is not None and self.broker.config.tls is not None
-        write_runtime_info(site.root, pid=self.broker.proc.pid, gateway_port=self.broker.port,
-                           device_port=self.broker.config.tls.port)
+        self.broker = start_broker_process(site, self.policy, self.operator_password)
         user, password = site.gateway_credentials()
         gw_config = GatewayConfig(
             state_dir=site.root,
