@@ -1,0 +1,298 @@
+"""Gateway throughput with 1 and 2 workers, against this machine's own two-process ceiling.
+
+    python benchmarks/workers.py [--messages N] [--ceiling-seconds S] [--json]
+
+Rows (each on a fresh private Mosquitto with Edgeward's rendered config):
+
+- 1 worker: the product's single gateway (``edgeward run``): client id ``edgeward-gateway``, a plain
+  subscription, per-process dedupe and rate baselines;
+- 2 workers: ``edgeward run --workers 2`` as gateway/runtime/workers.py builds each worker: client id
+  ``edgeward-gateway-w<i>``, shared subscription ``$share/edgeward/...``, the shared per-device state
+  (gateway/runtime/shared_state.py), each worker its own state directory and process.
+
+Method (as benchmarks/e2e.py, whose publisher role and message maker are reused): the workers start
+and subscribe first; a publisher process sends every message (small mix, QoS 1, 8 connections) as
+fast as the broker takes them; timed from the first publish until every message was received and
+acknowledged by the workers and every uplink publish was acknowledged by the broker. The destinations
+hold a persistent session and are drained afterwards. Lost = published (device, seq) with no
+decision in any worker's audit chain, plus allowed deliveries missing at their destination;
+duplicates = decisions beyond one per (device, seq) across workers, plus repeats at destinations.
+
+Ceiling: the same pure-Python CPU-bound loop run for ``--ceiling-seconds`` in 1 process, then in 2
+processes at once; ceiling ratio = (2-process work per second) / (1-process work per second). On a
+machine with two idle cores it approaches 2.0; on a shared one it says how much a second process can
+get at all. Scaling = (2-worker msg/s) / (1-worker msg/s), shown against that ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import pickle
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import log, print_table, proc_cpu_seconds
+from e2e import DEST_ID, MessageMaker, key_of, prime, run_pub, start_broker
+
+from gateway.audit.chain import iter_records
+from gateway.crypto.keys import DataKeyring, load_or_create_kek
+from gateway.policy import load_policy
+from gateway.runtime.receiver import DestinationReceiver
+from gateway.vault import read_vault
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------ the workers
+def worker_main(i: int, n_workers: int, port: int, state_dir: str, shared: Any, counters: Any) -> None:
+    """One gateway worker, built as ``edgeward run`` builds it (1 worker) or as workers.py does (N)."""
+    import uvloop
+
+    from gateway.runtime.service import Gateway, GatewayConfig
+    from gateway.runtime.workers import SHARE_GROUP, worker_client_id
+
+    policy = load_policy(REPO / "policies")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        if n_workers == 1:
+            gw = Gateway(GatewayConfig(state_dir=Path(state_dir), port=port), policy)
+        else:
+            view = shared.for_worker(i)
+            gw = Gateway(GatewayConfig(state_dir=Path(state_dir), port=port, client_id=worker_client_id(i),
+                                       share_group=SHARE_GROUP), policy, dedupe=view, rate=view)
+        async with gw:
+            serve = asyncio.create_task(gw.serve(stop))
+            counters[4 * i + 3] = 1  # connected and subscribed
+            s = gw.stats
+            while not stop.is_set():
+                counters[4 * i] = s.received
+                counters[4 * i + 1] = s.acked
+                counters[4 * i + 2] = gw.uplink.pending_out
+                await asyncio.sleep(0.002)
+            await gw.drain(5)
+            await serve
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+        r.run(main())
+    if shared is not None:
+        shared.close()
+
+
+class _Keys:
+    """Every worker's data keys (each worker seals under its own), re-read on an unknown key id."""
+
+    def __init__(self, dirs: list[Path]) -> None:
+        self.dirs = dirs
+        self.rings: list[DataKeyring] = []
+
+    def get(self, kid: str) -> Any:
+        for attempt in range(2):
+            for r in self.rings:
+                try:
+                    return r.get(kid)
+                except Exception:  # noqa: BLE001, S112 - another worker's key
+                    continue
+            if attempt == 0:
+                self.rings = [DataKeyring(d / "keys" / "datakeys.jsonl", load_or_create_kek(d / "keys" / "kek.key"))
+                              for d in self.dirs]
+        raise KeyError(kid)
+
+
+def run_row(n_workers: int, msgs: list[tuple[str, bytes]], policy: Any) -> dict[str, Any]:
+    from gateway.detect import RateBaseline
+    from gateway.runtime.shared_state import SharedDeviceState
+
+    n = len(msgs)
+    keys = [key_of(t, p) for t, p in msgs]
+    ctx = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="workers-bench-") as td:
+        root = Path(td)
+        mfile = root / "msgs.pickle"
+        mfile.write_bytes(pickle.dumps(msgs))
+        broker = start_broker(root / "broker")
+        shared = SharedDeviceState(workers=n_workers, rate=RateBaseline()) if n_workers > 1 else None
+        procs = []
+        try:
+            port = broker.port
+            prime(port, DEST_ID, "edgeward/out/#")
+            counters = ctx.Array("q", 4 * n_workers, lock=False)
+            dirs = [root / f"worker-{i}" for i in range(n_workers)]
+            for i in range(n_workers):
+                p = ctx.Process(target=worker_main, args=(i, n_workers, port, str(dirs[i]), shared, counters))
+                p.start()
+                procs.append(p)
+            deadline = time.monotonic() + 60
+            while not all(counters[4 * i + 3] for i in range(n_workers)):
+                if time.monotonic() > deadline or any(p.exitcode is not None for p in procs):
+                    raise RuntimeError("workers did not start")
+                time.sleep(0.02)
+            time.sleep(0.3)  # subscribed
+            c0 = sum(proc_cpu_seconds(p.pid) for p in procs)
+            b0 = proc_cpu_seconds(broker.proc.pid)  # type: ignore[union-attr]
+            pub = run_pub(port, mfile, 1)
+            deadline = time.monotonic() + 300
+            while True:
+                rec = sum(counters[4 * i] for i in range(n_workers))
+                ack = sum(counters[4 * i + 1] for i in range(n_workers))
+                pend = sum(counters[4 * i + 2] for i in range(n_workers))
+                if rec >= n and ack >= n and pend == 0:
+                    t_end = time.monotonic()
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"stalled: received {rec} acked {ack} pending {pend}")
+                time.sleep(0.002)
+            cpu = sum(proc_cpu_seconds(p.pid) for p in procs) - c0
+            b_cpu = proc_cpu_seconds(broker.proc.pid) - b0  # type: ignore[union-attr]
+            fin = pub.wait("final")
+            pub.close()
+            per_worker = [counters[4 * i] for i in range(n_workers)]
+            for p in procs:
+                os.kill(p.pid, signal.SIGTERM)
+            for p in procs:
+                p.join(30)
+            rec = reconcile(policy, keys, dirs, port)
+        finally:
+            for p in procs:
+                if p.exitcode is None:
+                    p.kill()
+            broker.stop()
+            if shared is not None:
+                shared.close()
+    seconds = t_end - fin["t_start"]
+    r = {"workers": n_workers, "messages": n, "seconds": seconds, "msgs_per_s": n / seconds,
+         "pub_seconds": fin["seconds"], "cpu_us_per_msg": cpu / n * 1e6, "broker_us_per_msg": b_cpu / n * 1e6,
+         "received_per_worker": per_worker, **rec}
+    log(f"  [{n_workers} worker(s)] {r['msgs_per_s']:,.0f} msg/s (publisher done at {r['pub_seconds']:.2f}s of "
+        f"{seconds:.2f}s), {r['cpu_us_per_msg']:.0f} µs CPU/msg, per worker {per_worker}, lost {r['lost']}, "
+        f"dups {r['dups']}, rejected {r['rejected']}")
+    return r
+
+
+def reconcile(policy: Any, published: list[tuple[str, int]], dirs: list[Path], port: int) -> dict[str, Any]:
+    transport = {name: d.transport for name, d in policy.destinations.items()}
+    decided: Counter[tuple[str, int]] = Counter()
+    rejected: Counter[str] = Counter()
+    expected_mqtt: set[tuple[str, str, int]] = set()
+    expected_vault: set[tuple[str, int]] = set()
+    vault: Counter[tuple[str, int]] = Counter()
+    keys = _Keys(dirs)
+    from gateway.crypto.envelope import open_envelope
+
+    for d in dirs:
+        for rec in iter_records(d / "audit"):
+            if "routes" in rec:
+                key = (rec["dev"], rec["seq"])
+                decided[key] += 1
+                for r in rec["routes"]:
+                    if r["allow"]:
+                        if transport[r["dst"]] == "vault":
+                            expected_vault.add(key)
+                        else:
+                            expected_mqtt.add((r["dst"], *key))
+            elif "reason" in rec:
+                rejected[rec["reason"]] += 1
+        for env in read_vault(d / "vault"):
+            header, _ = open_envelope(keys, env)
+            vault[(header.device, header.seq)] += 1
+
+    async def drain() -> DestinationReceiver:
+        rx = DestinationReceiver("127.0.0.1", port, keys, client_id=DEST_ID)
+        await rx.start()
+        last, t_last = -1, time.monotonic()
+        while time.monotonic() - t_last < 1.5 and rx.total < len(expected_mqtt):
+            got = rx.total + rx.duplicates + rx.undecryptable
+            if got != last:
+                last, t_last = got, time.monotonic()
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+        await rx.stop()
+        return rx
+
+    rx = asyncio.run(drain())
+    got_mqtt = {(d, dev, seq) for d, dev, _stream, seq in rx._seen}  # the harness reads the tally
+    refused = sum(rejected.values()) - rejected.get("dedupe.duplicate", 0)
+    not_decided = len(set(published) - set(decided)) - refused
+    missing = len(expected_mqtt - got_mqtt) + len(expected_vault - set(vault))
+    dups = (sum(k - 1 for k in decided.values() if k > 1) + rx.duplicates
+            + sum(k - 1 for k in vault.values() if k > 1))
+    return {"lost": max(0, not_decided) + missing, "dups": dups, "missing_deliveries": missing,
+            "deliveries": len(expected_mqtt) + len(expected_vault), "undecryptable": rx.undecryptable,
+            "rejected": dict(rejected)}
+
+
+# ------------------------------------------------------------------------------------------ the ceiling
+def _spin(seconds: float, out: Any, idx: int) -> None:
+    """Pure-Python CPU-bound work (integer arithmetic in the interpreter loop), counted in units."""
+    deadline = time.perf_counter() + seconds
+    units = 0
+    while time.perf_counter() < deadline:
+        x = 0
+        for k in range(10_000):
+            x += k * k % 7
+        units += 1
+    out[idx] = units
+
+
+def ceiling(seconds: float) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    res = ctx.Array("q", 3, lock=False)
+    p = ctx.Process(target=_spin, args=(seconds, res, 0))
+    p.start()
+    p.join()
+    ps = [ctx.Process(target=_spin, args=(seconds, res, 1 + k)) for k in range(2)]
+    for q in ps:
+        q.start()
+    for q in ps:
+        q.join()
+    one, two = res[0] / seconds, (res[1] + res[2]) / seconds
+    log(f"  [ceiling] 1 process {one:,.0f} units/s, 2 processes {two:,.0f} units/s: ratio {two / one:.2f}")
+    return {"one_process_units_per_s": one, "two_process_units_per_s": two, "ratio": two / one}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--messages", type=int, default=30_000, help="small-mix messages per row (default 30000)")
+    ap.add_argument("--ceiling-seconds", type=float, default=5.0, help="each ceiling run (default 5)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    a = ap.parse_args()
+    t0 = time.perf_counter()
+    policy = load_policy(REPO / "policies")
+    maker = MessageMaker()
+    log("[ceiling] the same CPU-bound loop in 1 process, then 2 ...")
+    ceil = ceiling(a.ceiling_seconds)
+    rows = []
+    for n in (1, 2):
+        log(f"[{n} worker(s)] {a.messages} messages ...")
+        rows.append(run_row(n, maker.make(a.messages, "small"), policy))  # fresh seqs for every row
+    scaling = rows[1]["msgs_per_s"] / rows[0]["msgs_per_s"]
+    meta = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "seconds": time.perf_counter() - t0,
+            "messages": a.messages, "scaling": scaling, "ceiling_ratio": ceil["ratio"],
+            "scaling_vs_ceiling": scaling / ceil["ratio"]}
+    if a.json:
+        print(json.dumps({"meta": meta, "ceiling": ceil, "rows": rows}, indent=1))
+        return
+    print(f"\nEdgeward workers — {meta['cpus']} CPUs, Python {meta['python']}, small mix, QoS 1, "
+          f"{a.messages} messages per row, {meta['seconds']:.0f}s")
+    print_table(["gateway", "msg/s", "lost", "duplicates", "CPU µs/msg", "broker µs/msg", "received per worker"],
+                [[f"{r['workers']} worker{'s' if r['workers'] > 1 else ''}", f"{r['msgs_per_s']:,.0f}", r["lost"],
+                  r["dups"], f"{r['cpu_us_per_msg']:.0f}", f"{r['broker_us_per_msg']:.0f}",
+                  "/".join(map(str, r["received_per_worker"]))] for r in rows])
+    print(f"\nscaling (2-worker / 1-worker msg/s): {scaling:.2f}   "
+          f"two-process ceiling (same CPU-bound loop, 2 procs / 1 proc): {ceil['ratio']:.2f}   "
+          f"scaling / ceiling: {meta['scaling_vs_ceiling']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
