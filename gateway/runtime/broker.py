@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from gateway.errors import BrokerError
 
-__all__ = ["BrokerConfig", "TlsListener", "MosquittoBroker", "free_port", "mosquitto_binary"]
+__all__ = ["BrokerConfig", "MosquittoBroker", "TlsListener", "free_port", "mosquitto_binary", "nofile_target"]
 
 INSTALL_HINT = "install it with: sudo apt-get install -y mosquitto   (Debian/Ubuntu)"
 
@@ -73,6 +74,8 @@ class BrokerConfig:
     max_inflight_messages: int = 1_000
     max_packet_size: int = 2 * 1024**2
     max_connections: int = -1
+    # RLIMIT_NOFILE of the broker process: one descriptor per connection, plus listeners and files.
+    max_open_files: int = 65_536
     sys_interval: int = 1
     extra: tuple[str, ...] = field(default=())
 
@@ -120,6 +123,11 @@ class BrokerConfig:
             "log_type error",
             "log_type warning",
             "connection_messages false",
+            "",
+            "# Connections: every device holds its own, so a site runs 10,000 and more. max_connections -1",
+            "# is unlimited; the real bound is the process's open-file limit, which Edgeward raises to",
+            f"# {self.max_open_files} when it starts the broker (RLIMIT_NOFILE; Mosquitto has no option for it).",
+            "# The listen backlog is Mosquitto's own; devices stagger their connects to stay under it.",
             "",
             "# The gateway's listener: loopback only.",
             f"listener {self.port} {self.host}",
@@ -195,6 +203,7 @@ class MosquittoBroker:
                 stderr=log,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=_open_files_limit(self.config.max_open_files),  # noqa: PLW1509 - one setrlimit call
             )
         finally:
             log.close()
@@ -246,6 +255,44 @@ class MosquittoBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def nofile_target(want: int) -> tuple[int, int]:
+    """The (soft, hard) RLIMIT_NOFILE a process can have when it asks for ``want``: past the current
+    hard limit only with privilege (root, CAP_SYS_RESOURCE), never below the current soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    inf = resource.RLIM_INFINITY
+    if soft == inf or (want != inf and soft >= want):
+        return soft, hard
+    if hard == inf or want <= hard:
+        return want, hard
+    if os.geteuid() == 0:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                ceiling = int(f.read())
+        except (OSError, ValueError):
+            ceiling = want
+        want = min(want, ceiling)
+        return want, want
+    return hard, hard
+
+
+def _open_files_limit(want: int):  # type: ignore[no-untyped-def]
+    """A preexec function raising RLIMIT_NOFILE in the broker's process only (computed here, in the
+    parent: the child between fork and exec only makes the one system call)."""
+    limits = nofile_target(want)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    fallback = (hard, hard) if hard == resource.RLIM_INFINITY or hard < limits[0] else limits
+
+    def apply() -> None:
+        for lim in (limits, fallback):  # past the hard limit may be refused (no CAP_SYS_RESOURCE)
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, lim)
+                return
+            except (ValueError, OSError):
+                continue
+
+    return apply
 
 
 def _accepts(host: str, port: int) -> bool:
