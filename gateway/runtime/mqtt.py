@@ -184,8 +184,8 @@ class MqttClient:
         self._out.clear()
         resend = list(self._inflight.items())
         self._inflight.clear()
-        for pid, (topic, payload) in resend:
-            self._waiting.appendleft((pid, topic, payload))
+        # in their original order, ahead of anything still waiting (extendleft reverses, hence reversed)
+        self._waiting.extendleft(reversed([(pid, topic, payload) for pid, (topic, payload) in resend]))
         self._pump(dup_ids={pid for pid, _ in resend})
         self.flush()
         if self.keepalive:
@@ -251,6 +251,15 @@ class MqttClient:
         if self._out and self._transport is not None and self.connected:
             self._transport.write(b"".join(self._out))
             self._out.clear()
+
+    def take_pending(self) -> list[tuple[int, str, bytes]]:
+        """Hand back every unacknowledged QoS-1 publish, oldest first, and forget them: the owner
+        stores them elsewhere (a destination declared down). One sent before the connection broke
+        may have reached the broker, so whoever re-sends them may deliver it twice."""
+        out = [(pid, t, p) for pid, (t, p) in self._inflight.items()] + list(self._waiting)
+        self._inflight.clear()
+        self._waiting.clear()
+        return out
 
     @property
     def pending_out(self) -> int:

@@ -2,10 +2,22 @@
 
 Delivery contract (at-least-once into every destination, nothing acknowledged early): a device's
 QoS-1 message is PUBACKed to the broker only after its audit record and vault envelope have been
-written and every MQTT uplink has PUBACKed its envelope. Until then the broker keeps it in the
-gateway's persistent session, so a restart redelivers it and (device, sequence) dedupe keeps each
-destination from seeing it twice. Bounded queues: when the uplinks fall behind, ingest stops
-reading (TCP backpressure reaches the broker, which queues for the persistent session).
+written and every MQTT destination has it: its uplink PUBACKed the envelope, or the envelope is in
+that destination's encrypted spool, or (a destination whose data may not rest at the edge, while it
+is unreachable) it was dropped with a reason in the audit log. Until then the broker keeps the
+message in the gateway's persistent session, so a restart redelivers it and (device, sequence)
+dedupe keeps each destination from seeing it twice.
+
+Uplinks: each MQTT destination has an outbox. Envelopes are released in fixed batches every
+``retime_ms`` (wall-clock aligned), so the timing of a device's messages never reaches a
+destination. A destination whose connection stays down longer than ``uplink_down_after_s`` is
+declared down: its unacknowledged envelopes move to its spool (``rest_at_edge``) or are dropped with
+``uplink.unreachable``; when it returns, the spool drains in order at ``spool_drain_rate`` before
+anything new is sent directly.
+
+Bounded queues: when the uplinks fall behind, a spool is full (``when_full: refuse_new``) or a disk
+is full, ingest stops reading (TCP backpressure reaches the broker, which queues for the persistent
+session) and resumes by itself.
 """
 
 from __future__ import annotations
@@ -30,11 +42,12 @@ from gateway.crypto.envelope import pack_header, seal_packed
 from gateway.crypto.keys import DataKeyring, load_or_create_kek
 from gateway.crypto.recipient import RecipientSealer
 from gateway.detect import RateBaseline
-from gateway.errors import BrokerError
+from gateway.errors import BrokerError, EdgewardError, StorageFull
 from gateway.pipeline import Pipeline, PolicyLike
 from gateway.policy.shadow import shadow_divergences
 from gateway.runtime.donelog import DoneLog
 from gateway.runtime.mqtt import Message, MqttClient
+from gateway.runtime.spool import Spool, SpoolFull
 from gateway.vault import VaultWriter
 
 __all__ = ["GatewayConfig", "GatewayStats", "Gateway", "SYS_DROPPED"]
@@ -84,6 +97,12 @@ class GatewayConfig:
     # runtime provides a way to: a site's CA and broker). 0 turns automatic isolation off.
     isolate_after: int = 20
     isolate_window_s: float = 60.0
+    # Uplinks. A destination may have its own endpoint (destination -> (host, port)); the rest share
+    # the default uplink. `retime` False ignores the policy's retime_ms (latency benchmarks only).
+    uplinks: dict[str, tuple[str, int]] = field(default_factory=dict)
+    retime: bool = True
+    uplink_down_after_s: float = 5.0  # a connection away this long: the destination is down
+    spool_drain_rate: float = 2_000.0  # envelopes/s per destination when a spool drains
 
 
 @dataclass
@@ -100,6 +119,9 @@ class GatewayStats:
     broker_dropped: int = 0
     reconnects: int = 0
     shadow_divergent: int = 0  # messages a shadow policy would have decided differently
+    undelivered: Counter[str] = field(default_factory=Counter)  # "<destination>:<reason>", counted drops
+    spooled: Counter[str] = field(default_factory=Counter)
+    disk_full_events: int = 0
     latency_s: list[float] = field(default_factory=list)  # receipt -> last destination acknowledged
 
     def to_json(self) -> dict[str, Any]:
@@ -116,7 +138,45 @@ class GatewayStats:
             "broker_dropped": self.broker_dropped,
             "reconnects": self.reconnects,
             "shadow_divergent": self.shadow_divergent,
+            "undelivered": dict(self.undelivered),
+            "spooled": dict(self.spooled),
+            "disk_full_events": self.disk_full_events,
         }
+
+
+@dataclass(eq=False)
+class _Link:
+    """One uplink connection; destinations with the same endpoint share it."""
+
+    name: str
+    client: MqttClient
+    uplink_for: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # pid -> delivery or spool ref
+    down_since: float | None = None  # monotonic
+    declared_down: bool = False
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass(eq=False)
+class _Outbox:
+    """One MQTT destination's way out: the re-timing batch, the spool, and what could not go."""
+
+    name: str
+    link: _Link
+    retime_s: float
+    spool: Spool | None
+    when_full: str = "refuse_new"
+    queue: list[tuple[str, bytes, tuple[Any, ...]]] = field(default_factory=list)  # until the next release
+    overflow: list[tuple[str, bytes, tuple[Any, ...]]] = field(default_factory=list)  # spool full / disk full
+    next_release: float = 0.0
+    sent: int = 0
+    drain_tokens: float = 0.0
+
+    @property
+    def hold(self) -> bool:
+        """True while new envelopes must not be sent directly (down, or older ones still waiting)."""
+        if self.link.declared_down:
+            return True
+        return self.spool is not None and (bool(self.overflow) or self.spool.backlog > 0)
 
 
 class Gateway:
@@ -192,12 +252,18 @@ class Gateway:
             client_id=config.client_id + "-uplink",
             username=config.username,
             password=config.password,
-            on_ack=self._on_uplink_ack,
         )
-        # uplink pid -> (ingest generation, ingest pid, device, seq, destination);
-        # ingest pid -> [outstanding uplink acks, t0]
-        self._uplink_for: dict[int, tuple[int, int | None, str, int, str]] = {}
+        # ingest pid -> [outstanding destination acknowledgements, t0]
         self._pending: dict[int, list[float]] = {}
+        self._kek = kek
+        self._default_link = _Link("default", self.uplink)
+        self.uplink._on_ack = lambda pid: self._on_uplink_ack(self._default_link, pid)
+        self._links: dict[tuple[str, int] | None, _Link] = {None: self._default_link}
+        self.outboxes: dict[str, _Outbox] = {}
+        self._pause_reasons: set[str] = set()
+        self._disk_full: str | None = None
+        self._held_acks: list[int] = []
+        self._last_kind_alert: dict[str, float] = {}
         self._generation = 0
         self._paused = False
         self._closing = False
@@ -208,6 +274,7 @@ class Gateway:
         self._shadow_log: Any = None
         # Traffic recording: the facts of every decided message (names and classes, never values).
         self._traffic: Any = None
+        self._ensure_outboxes()
 
     def start_shadow(self, candidate: PolicyLike) -> Path:
         """Run ``candidate`` in shadow; divergences go to ``<state>/shadow-<rev>.jsonl``."""
@@ -251,11 +318,15 @@ class Gateway:
         """Atomically replace the live policy (between two messages; the loop is single-threaded)."""
         old = self.pipeline.policy.revision
         self.pipeline.policy = policy
+        self._ensure_outboxes()
         self.audit.append({"event": "policy.activated", "rev": policy.revision, "previous": old})
 
     def audit_event(self, record: dict[str, Any]) -> None:
         self._record(record)
-        self.audit.flush(now=self._clock())
+        try:
+            self.audit.flush(now=self._clock())
+        except StorageFull as exc:  # kept in the buffer; written when space returns
+            self._enter_disk_full(str(exc))
 
     def _publish_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Signed checkpoints leave the gateway at once: truncating the log behind one is detectable."""
@@ -284,6 +355,8 @@ class Gateway:
         self._generation += 1
         await self.uplink.connect()
         await self.ingest.connect()
+        if self._pause_reasons and self.ingest.transport is not None:  # still full: stay paused
+            self.ingest.transport.pause_reading()
         site = self.pipeline.policy.site
         topic = f"site/{site}/dev/#"
         if self.config.share_group:
@@ -294,6 +367,10 @@ class Gateway:
         """Run until ``stop`` is set, reconnecting (jittered backoff) whenever the broker goes away."""
         backoff = 0.1
         fsync_task = asyncio.create_task(self._syncer(stop), name="gateway-audit-sync")
+        helpers = [asyncio.create_task(self._deliverer(stop), name="gateway-deliverer")]
+        for link in self._links.values():
+            if link is not self._default_link:
+                helpers.append(asyncio.create_task(self._keep_connected(link, stop), name=f"uplink-{link.name}"))
         try:
             while not stop.is_set():
                 closed = [c.closed for c in (self.ingest, self.uplink) if c.closed is not None]
@@ -315,15 +392,18 @@ class Gateway:
                     except (BrokerError, OSError):
                         backoff = min(backoff * 2, 5.0)
         finally:
-            fsync_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await fsync_task
+            for t in (fsync_task, *helpers):
+                t.cancel()
+            for t in (fsync_task, *helpers):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
 
     async def drain(self, timeout: float = 30.0) -> bool:
         """Wait until every received message is fully acknowledged (for tests and the demo)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self._pending and self.uplink.pending_out == 0:
+            if not self._pending and not any(link.client.pending_out for link in self._links.values()) \
+                    and not any(ob.queue for ob in self.outboxes.values()):
                 return True
             await asyncio.sleep(0.02)
         return False
@@ -334,15 +414,25 @@ class Gateway:
         transport = self.ingest.transport
         if transport is not None and self.ingest.connected:
             transport.pause_reading()
+            # Release the re-timing batches now (one last batch), and keep delivering until drained.
+            for ob in self.outboxes.values():
+                ob.next_release = 0.0
+            deliver = asyncio.create_task(self._deliverer(asyncio.Event()), name="gateway-final-delivery")
             await self.drain(timeout=10)
+            deliver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await deliver
             self.ingest.flush()
             # Read again (the disconnect handshake needs the PINGRESP) but leave any new PUBLISH
             # unacknowledged: the broker keeps it for the next start.
             self._closing = True
             transport.resume_reading()
-        for c in (self.ingest, self.uplink):
+        for c in (self.ingest, *(link.client for link in self._links.values())):
             with contextlib.suppress(Exception):
                 await c.disconnect()
+        for ob in self.outboxes.values():
+            if ob.spool is not None:
+                ob.spool.close()
         self.stop_shadow()
         self.record_traffic(None)
         self.vault.close()
@@ -356,15 +446,23 @@ class Gateway:
         acknowledgements depend on stay on the loop."""
         while not stop.is_set():
             await asyncio.sleep(1.0)
-            if self.checkpointer is not None:
-                self.checkpointer.tick()
-            self.audit.flush()
-            self.vault.flush()
+            if self._disk_full is not None:
+                self._retry_after_disk_full()
+            try:
+                if self.checkpointer is not None:
+                    self.checkpointer.tick()
+                self.audit.flush()
+                self.vault.flush()
+                self.done.flush()
+            except StorageFull as exc:
+                self._enter_disk_full(str(exc))
             if self._done_before and time.monotonic() > self._done_until:
                 self._done_before = {}
-            self.done.flush()
             fds = [f.fileno() for f in (self.audit._fh, self.vault._fh, self.done._fh) if not f.closed]
             await asyncio.to_thread(_fsync_all, fds)
+            spools = [ob.spool for ob in self.outboxes.values() if ob.spool is not None]
+            if spools:
+                await asyncio.to_thread(_sync_spools, spools)
             self.write_status()
             for f in (self._shadow_log, self._traffic):
                 if f is not None:
@@ -377,6 +475,8 @@ class Gateway:
         # _uplink_for stays: the uplink re-sends what was in flight, and each PUBACK still records
         # its delivery as done; the generation keeps those from acknowledging new ingest messages.
         self._generation += 1
+        self._held_acks.clear()  # their connection is gone: the broker redelivers those messages
+        self._pause_reasons.discard("backpressure")
         if self._paused:
             self._paused = False
 
@@ -388,7 +488,7 @@ class Gateway:
         pipeline = self.pipeline
         audit_append = self._record
         vault_append = self.vault.append
-        uplink_publish = self.uplink.publish
+        outboxes = self.outboxes
         ready: list[int] = []
         vaulted: list[tuple[str, int, str]] = []
         gen = self._generation
@@ -408,7 +508,6 @@ class Gateway:
                     out.record["redelivery_skipped"] = sorted(done)
                     if not out.deliveries:
                         stats.duplicates += 1
-            audit_append(out.record)
             if self.shadow is not None and out.decision is not None:
                 self._shadow(out)
             if self._traffic is not None and out.facts is not None:
@@ -436,34 +535,35 @@ class Gateway:
                 if d.transport == "vault":
                     vault_append(d.envelope)
                     vaulted.append((out.device, out.seq, d.destination))
-                else:
-                    pid = uplink_publish(d.topic, d.envelope)
-                    if pid is not None:
-                        self._uplink_for[pid] = (gen, m.packet_id, out.device, out.seq, d.destination)
-                        if m.packet_id is not None:
-                            n_up += 1
+                    continue
+                ob = outboxes.get(d.destination) or self._outbox(d.destination)
+                ref = (gen, m.packet_id, out.device, out.seq, d.destination)
+                if ob.retime_s and not ob.hold:
+                    ob.queue.append((d.topic, d.envelope, ref))  # released at the next batch boundary
+                    n_up += 1
+                elif self._send(ob, d.topic, d.envelope, ref):
+                    n_up += 1
+            audit_append(out.record)
             if m.packet_id is not None:
                 if n_up:
                     self._pending[m.packet_id] = [n_up, t0]
                 else:
                     ready.append(m.packet_id)
-        # Group commit: one write for the audit records and vault frames of the whole batch, before
-        # any of the batch is acknowledged.
-        self.vault.flush()
+        # Group commit: one write for the audit records, vault frames and spool entries of the whole
+        # batch, before any of the batch is acknowledged.
         for device, seq, dest in vaulted:
             self.done.add(device, seq, dest)
-        self.done.flush()
-        self.quarantine.flush()
-        self.audit.flush()
-        for pid in ready:
-            self.ingest.ack(pid)
-        stats.acked += len(ready)
-        self.uplink.flush()
-        if not self._paused and self.uplink.pending_out > self.config.max_pending:
-            transport = self.ingest.transport
-            if transport is not None:
-                transport.pause_reading()
-                self._paused = True
+        if self._commit():
+            for pid in ready:
+                self.ingest.ack(pid)
+            stats.acked += len(ready)
+        else:
+            self._held_acks.extend(ready)  # acknowledged once the disk takes the batch
+        for link in self._links.values():
+            link.client.flush()
+        if not self._paused and self._pending_out() > self.config.max_pending:
+            self._paused = True
+            self._pause("backpressure")
 
     def _on_violation(self, out: Any, m: Message, *, code: str = "") -> None:
         """A device broke a built-in invariant: keep the evidence sealed in the local quarantine, and
@@ -495,24 +595,60 @@ class Gateway:
                                     json.dumps(detail, sort_keys=True).encode())
 
     def status(self) -> dict[str, Any]:
-        """What `edgeward status` shows: connections, each destination's traffic and backlog."""
+        """What `edgeward status` shows: connections, each destination's state, traffic and backlog."""
         pol = self.pipeline.policy
         dests = {}
         for name, d in pol.destinations.items():
-            dests[name] = {
+            row: dict[str, Any] = {
                 "transport": d.transport,
                 "jurisdiction": d.jurisdiction,
-                "state": "up" if d.transport == "vault" or self.uplink.connected else "down",
                 "forwarded": self.stats.forwarded.get(name, 0),
             }
+            ob = self.outboxes.get(name)
+            if d.transport == "vault":
+                row["state"] = "full" if self._disk_full else "up"
+            elif ob is not None:
+                link = ob.link
+                if ob.overflow:
+                    state = "full"
+                elif link.declared_down:
+                    state = "down"
+                elif not link.client.connected:
+                    state = "reconnecting"
+                elif ob.spool is not None and ob.spool.backlog:
+                    state = "draining"
+                else:
+                    state = "up"
+                row.update({
+                    "state": state,
+                    "uplink": link.name,
+                    "retime_ms": int(ob.retime_s * 1000),
+                    "rest_at_edge": ob.spool is not None,
+                    "batch": len(ob.queue),
+                    "in_flight": sum(1 for r in link.uplink_for.values() if r[-1] == name or r[1] is ob),
+                    "sent": ob.sent,
+                    "spooled": self.stats.spooled.get(name, 0),
+                    "undelivered": {k.split(":", 1)[1]: v for k, v in self.stats.undelivered.items()
+                                    if k.split(":", 1)[0] == name},
+                })
+                if ob.spool is not None:
+                    row.update({
+                        "backlog": ob.spool.backlog + len(ob.overflow),
+                        "backlog_bytes": ob.spool.backlog_bytes,
+                        "oldest_s": ob.spool.oldest_age_s,
+                        "spool_dropped": ob.spool.dropped,
+                        "when_full": ob.when_full,
+                    })
+            dests[name] = row
         return {
             "t": self._clock(),
             "policy_revision": pol.revision,
             "ingest": "connected" if self.ingest.connected else "disconnected",
             "uplink": "connected" if self.uplink.connected else "disconnected",
-            "uplink_backlog": self.uplink.pending_out,
+            "uplink_backlog": self._pending_out(),
             "awaiting_uplink_ack": len(self._pending),
-            "paused": self._paused,
+            "paused": sorted(self._pause_reasons) if self._pause_reasons else False,
+            "disk_full": self._disk_full,
             "isolated": sorted(self.isolated),
             "destinations": dests,
             "stats": self.stats.to_json(),
@@ -559,13 +695,24 @@ class Gateway:
                            separators=(",", ":")) + "\n"
             )
 
-    def _on_uplink_ack(self, uplink_pid: int) -> None:
-        ref = self._uplink_for.pop(uplink_pid, None)
+    def _on_uplink_ack(self, link: _Link, uplink_pid: int) -> None:
+        ref = link.uplink_for.pop(uplink_pid, None)
         if ref is None:
             return
-        gen, ingest_pid, device, seq, dest = ref
-        self.done.add(device, seq, dest)  # the destination has it, whatever happens to the ingest ack
         self._schedule_flush()
+        if ref[0] == "S":  # from a spool: the destination has it, the entry can go
+            ob = ref[1]
+            ob.sent += 1
+            if ob.spool is not None:
+                ob.spool.consumed(ref[2])
+            return
+        self.outboxes[ref[4]].sent += 1
+        self.done.add(ref[2], ref[3], ref[4])  # the destination has it, whatever happens to the ingest ack
+        self._settle(ref)
+
+    def _settle(self, ref: tuple[Any, ...]) -> None:
+        """One destination of an ingest message is taken care of; PUBACK the message once all are."""
+        gen, ingest_pid = ref[0], ref[1]
         if gen != self._generation or ingest_pid is None:
             return
         entry = self._pending.get(ingest_pid)
@@ -574,7 +721,11 @@ class Gateway:
         entry[0] -= 1
         if entry[0] == 0:
             del self._pending[ingest_pid]
+            if self._disk_full is not None:
+                self._held_acks.append(ingest_pid)
+                return
             self.ingest.ack(ingest_pid)
+            self._schedule_flush()
             self.stats.acked += 1
             lat = self.stats.latency_s
             if len(lat) < 200_000:
@@ -587,13 +738,296 @@ class Gateway:
 
     def _flush_acks(self) -> None:
         self._flush_scheduled = False
-        self.done.flush()  # recorded before the PUBACKs that depend on it leave
+        try:
+            self.done.flush()  # recorded before the PUBACKs that depend on it leave
+        except StorageFull as exc:
+            self._enter_disk_full(str(exc))
+            return
         self.ingest.flush()
-        if self._paused and self.uplink.pending_out < self.config.max_pending // 2:
+        if self._paused and self._pending_out() < self.config.max_pending // 2:
+            self._paused = False
+            self._unpause("backpressure")
+
+    # ------------------------------------------------------------------ uplinks, spools, the disk
+    def _ensure_outboxes(self) -> None:
+        for name, d in self.pipeline.policy.destinations.items():
+            if d.transport == "mqtt" and name not in self.outboxes:
+                self._outbox(name)
+
+    def _outbox(self, name: str) -> _Outbox:
+        d = self.pipeline.policy.destinations[name]
+        endpoint = self.config.uplinks.get(name)
+        link = self._links.get(endpoint)
+        if link is None:
+            assert endpoint is not None
+            host, port = endpoint
+            client = MqttClient(host=host, port=port, client_id=f"{self.config.client_id}-uplink-{name}",
+                                username=self.config.username, password=self.config.password)
+            link = self._links[endpoint] = _Link(f"{host}:{port}", client)
+            client._on_ack = lambda pid, link=link: self._on_uplink_ack(link, pid)
+            if self._loop is not None:  # added by a policy reload while serving
+                link.task = asyncio.ensure_future(self._keep_connected(link, None))
+        spool = None
+        if d.rest_at_edge:
+            spool = Spool(self.config.state_dir / "spool" / name, self._spool_key(name), name=name,
+                          max_bytes=int(d.spool_max_mb * 2**20), on_full=d.spool_when_full)
+            if spool.backlog:
+                self.audit_event({"event": "spool.opened", "dst": name, "backlog": spool.backlog})
+        retime_s = d.retime_ms / 1000.0 if self.config.retime else 0.0
+        ob = self.outboxes[name] = _Outbox(name, link, retime_s, spool, d.spool_when_full)
+        return ob
+
+    def _spool_key(self, name: str) -> bytes:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                    info=b"edgeward spool v1 " + name.encode()).derive(self._kek)
+
+    def _pending_out(self) -> int:
+        return sum(link.client.pending_out for link in self._links.values())
+
+    def _send(self, ob: _Outbox, topic: str, envelope: bytes, ref: tuple[Any, ...]) -> bool:
+        """Send one envelope now, or spool or drop it if the destination is held. True while the
+        ingest message must still wait for this destination."""
+        if ob.hold:
+            return self._park(ob, topic, envelope, ref)
+        pid = ob.link.client.publish(topic, envelope)
+        assert pid is not None
+        ob.link.uplink_for[pid] = ref
+        return True
+
+    def _park(self, ob: _Outbox, topic: str, envelope: bytes, ref: tuple[Any, ...]) -> bool:
+        """A held destination: into its spool (settled once the spool is flushed: False), behind
+        what already overflowed (True, ingest paused), or dropped with a reason (False)."""
+        if ob.spool is None:
+            self.stats.undelivered[f"{ob.name}:uplink.unreachable"] += 1
+            self._record({"event": "undelivered", "dst": ob.name, "dev": ref[2], "seq": ref[3],
+                          "reason": "uplink.unreachable"})
+            return False
+        if not ob.overflow:
+            try:
+                dropped = ob.spool.append(topic, envelope)
+            except SpoolFull:
+                self._alert_once(f"spool_full:{ob.name}", "spool_full", {"dst": ob.name, "when_full": "refuse_new",
+                                                                        "backlog": ob.spool.backlog})
+            except StorageFull as exc:
+                self._enter_disk_full(f"spool {ob.name}: {exc}")
+            else:
+                if dropped:
+                    self.stats.undelivered[f"{ob.name}:spool.dropped_oldest"] += dropped
+                    self._alert_once(f"spool_drop:{ob.name}", "spool_dropped_oldest",
+                                     {"dst": ob.name, "dropped_total": ob.spool.dropped})
+                self.stats.spooled[ob.name] += 1
+                self.done.add(ref[2], ref[3], ob.name)
+                return False
+        ob.overflow.append((topic, envelope, ref))
+        self._pause(f"spool:{ob.name}")
+        return True
+
+    def _commit(self) -> bool:
+        """Group commit of everything buffered; False (and intake paused) when the disk is full."""
+        try:
+            for ob in self.outboxes.values():
+                if ob.spool is not None:
+                    ob.spool.flush()
+            self.vault.flush()
+            self.done.flush()
+            self.quarantine.flush()
+            self.audit.flush()
+        except StorageFull as exc:
+            self._enter_disk_full(str(exc))
+            return False
+        return True
+
+    def _pause(self, reason: str) -> None:
+        if not self._pause_reasons:
             transport = self.ingest.transport
             if transport is not None:
-                transport.resume_reading()
-            self._paused = False
+                transport.pause_reading()
+        self._pause_reasons.add(reason)
+
+    def _unpause(self, reason: str) -> None:
+        if reason in self._pause_reasons:
+            self._pause_reasons.discard(reason)
+            if not self._pause_reasons:
+                transport = self.ingest.transport
+                if transport is not None:
+                    transport.resume_reading()
+
+    def _alert_once(self, key: str, kind: str, detail: dict[str, Any], every_s: float = 10.0) -> None:
+        now = time.monotonic()
+        if now - self._last_kind_alert.get(key, -1e9) >= every_s:
+            self._last_kind_alert[key] = now
+            self.alert(kind, detail)
+
+    def _enter_disk_full(self, why: str) -> None:
+        """Stop taking messages (the broker holds them for the session); retried every second."""
+        if self._disk_full is None:
+            self._disk_full = why
+            self.stats.disk_full_events += 1
+            self._pause("disk_full")
+            with contextlib.suppress(StorageFull, EdgewardError, OSError):
+                self.alert("disk_full", {"detail": why})
+
+    def _retry_after_disk_full(self) -> None:
+        self._disk_full = None  # so the flushes below may raise again
+        if not self._commit():
+            return
+        self._retry_overflow()
+        held, self._held_acks = self._held_acks, []
+        for pid in held:
+            self.ingest.ack(pid)
+        self.stats.acked += len(held)
+        self.ingest.flush()
+        self._unpause("disk_full")
+        self.alert("disk_ok", {"acknowledged": len(held)})
+
+    def _retry_overflow(self) -> None:
+        for ob in self.outboxes.values():
+            if not ob.overflow or ob.spool is None:
+                continue
+            waiting, ob.overflow = ob.overflow, []
+            settled = []
+            for i, (topic, envelope, ref) in enumerate(waiting):
+                if not ob.link.declared_down and not ob.spool.backlog and not ob.overflow:
+                    if self._send(ob, topic, envelope, ref):
+                        continue
+                elif self._park(ob, topic, envelope, ref):
+                    ob.overflow.extend(waiting[i + 1:])  # still no room: keep the order
+                    break
+                settled.append(ref)
+            if self._commit():
+                for ref in settled:
+                    self._settle(ref)
+            if not ob.overflow:
+                self._unpause(f"spool:{ob.name}")
+        for link in self._links.values():
+            link.client.flush()
+
+    async def _deliverer(self, stop: asyncio.Event) -> None:
+        """Every 20 ms: release re-timed batches whose boundary has passed, watch the uplinks, drain
+        spools at the bounded rate, and move overflow into spools that have room again."""
+        tick = 0.02
+        while not stop.is_set():
+            await asyncio.sleep(tick)
+            try:
+                self._deliver_tick(tick)
+            except Exception as exc:  # noqa: BLE001 - the delivery loop must survive; the error is audited
+                with contextlib.suppress(Exception):
+                    self.alert("delivery_error", {"error": type(exc).__name__, "detail": str(exc)[:200]})
+                await asyncio.sleep(1.0)
+
+    def _deliver_tick(self, tick: float) -> None:
+        now_wall = self._clock()
+        now = time.monotonic()
+        settled: list[tuple[Any, ...]] = []
+        for link in self._links.values():
+            self._watch_link(link, now)
+        for ob in self.outboxes.values():
+            if ob.retime_s and ob.queue and now_wall >= ob.next_release:
+                # Wall-clock aligned: every destination sees releases at k * retime_s, whatever the
+                # devices' timing was.
+                ob.next_release = (now_wall // ob.retime_s + 1) * ob.retime_s
+                batch, ob.queue = ob.queue, []
+                for topic, envelope, ref in batch:
+                    if not self._send(ob, topic, envelope, ref):
+                        settled.append(ref)
+            elif ob.retime_s and not ob.queue:
+                ob.next_release = (now_wall // ob.retime_s + 1) * ob.retime_s
+            if ob.spool is not None and ob.spool.backlog:
+                self._drain(ob, tick)
+        if any(ob.overflow for ob in self.outboxes.values()) and self._disk_full is None:
+            self._retry_overflow()
+        if settled and self._commit():
+            for ref in settled:
+                self._settle(ref)
+        for link in self._links.values():
+            link.client.flush()
+
+    def _drain(self, ob: _Outbox, tick: float) -> None:
+        link = ob.link
+        if link.declared_down or not link.client.connected or ob.spool is None:
+            ob.drain_tokens = 0.0
+            return
+        rate = self.config.spool_drain_rate
+        ob.drain_tokens = min(rate, ob.drain_tokens + rate * tick)
+        n = min(int(ob.drain_tokens), max(0, 1000 - link.client.pending_out))
+        if n <= 0:
+            return
+        items = ob.spool.next_batch(n)
+        ob.drain_tokens -= len(items)
+        for item in items:
+            pid = link.client.publish(item.topic, item.payload)
+            assert pid is not None
+            link.uplink_for[pid] = ("S", ob, item.id)
+
+    def _watch_link(self, link: _Link, now: float) -> None:
+        if link.client.connected:
+            link.down_since = None
+            if link.declared_down:
+                link.declared_down = False
+                names = [ob.name for ob in self.outboxes.values() if ob.link is link]
+                self.alert("destination_up", {"uplink": link.name, "destinations": names})
+            return
+        if link.down_since is None:
+            link.down_since = now
+        elif not link.declared_down and now - link.down_since >= self.config.uplink_down_after_s:
+            self._declare_down(link)
+
+    def _declare_down(self, link: _Link) -> None:
+        """The connection stayed away: what waited for it goes to the spools or is dropped with a
+        reason, so ingest is not held up by a destination that is not there."""
+        link.declared_down = True
+        names = [ob.name for ob in self.outboxes.values() if ob.link is link]
+        self.alert("destination_down", {"uplink": link.name, "destinations": names,
+                                        "after_s": self.config.uplink_down_after_s})
+        settled: list[tuple[Any, ...]] = []
+        rewind: set[int] = set()
+        for pid, topic, payload in link.client.take_pending():
+            ref = link.uplink_for.pop(pid, None)
+            if ref is None:
+                continue  # an alert or checkpoint: kept locally already
+            if ref[0] == "S":
+                rewind.add(id(ref[1]))
+                continue
+            ob = self.outboxes[ref[4]]
+            if not self._park(ob, topic, payload, ref):
+                settled.append(ref)
+        for ob in self.outboxes.values():
+            if id(ob) in rewind and ob.spool is not None:
+                ob.spool.rewind()
+            if ob.link is link and ob.queue:  # the batch not yet released follows, in its order
+                batch, ob.queue = ob.queue, []
+                for topic, payload, ref in batch:
+                    if not self._park(ob, topic, payload, ref):
+                        settled.append(ref)
+        if self._commit():
+            for ref in settled:
+                self._settle(ref)
+
+    async def _keep_connected(self, link: _Link, stop: asyncio.Event | None) -> None:
+        """A destination's own uplink: connect, and reconnect with jittered backoff whenever it drops."""
+        backoff = 0.1
+        while stop is None or not stop.is_set():
+            if not link.client.connected:
+                try:
+                    await link.client.connect()
+                    backoff = 0.1
+                except (BrokerError, OSError):
+                    await asyncio.sleep(backoff * (0.5 + random.random()))
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+            closed = link.client.closed
+            if closed is not None:
+                await asyncio.shield(closed)
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+
+
+def _sync_spools(spools: list[Spool]) -> None:
+    for sp in spools:
+        with contextlib.suppress(OSError, EdgewardError):
+            sp.sync()
 
 
 def _fsync_all(fds: list[int]) -> None:
