@@ -158,6 +158,9 @@ class SiteRuntime:
         self.gateway.pipeline.blocked = frozenset(site.ca().held())
         self._held_watch = asyncio.create_task(self._watch_held(), name="site-held-watch")
         await self.gateway.__aenter__()
+        if any(p.name.startswith("worker-") for p in site.root.iterdir()):
+            self.log("warning: this site ran before with --workers; those workers' persistent sessions may still "
+                     "be subscribed and queue messages (docs/scaling.md, 'Changing N on an existing site')")
         self.log(
             f"site {site.name}: broker devices mTLS 127.0.0.1:{self.device_port}, gateway 127.0.0.1:{self.broker.port}; "
             f"policy {self.policy.revision}"

@@ -270,6 +270,12 @@ class SiteWorkers:
             await self._shutdown()
             raise
         self._write_workers_file()
+        stale = [f"worker-{i}" for i, _ in worker_dirs(self.site.root) if i >= self.workers]
+        if any(self.site.root.joinpath("audit").glob("audit-*.jsonl")):
+            stale.insert(0, "the single gateway (edgeward-gateway)")
+        if stale:
+            self.log(f"warning: this site ran before as {', '.join(stale)}; those persistent sessions may still "
+                     f"be subscribed and queue messages (docs/scaling.md, 'Changing N on an existing site')")
         self.log(f"site {self.site.name}: broker devices mTLS 127.0.0.1:{self.device_port}, gateway "
                  f"127.0.0.1:{self.gateway_port}; {self.workers} workers (share group {SHARE_GROUP}); "
                  f"policy {self.policy.revision}")
