@@ -44,11 +44,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+from gateway.errors import EdgewardError
 from gateway.site import Site
 
 __all__ = [
     "SHARE_GROUP",
     "SiteWorkers",
+    "WorkersError",
     "merge_stats",
     "worker_checkpoint_topic",
     "worker_client_id",
@@ -59,6 +61,10 @@ __all__ = [
 SHARE_GROUP = "edgeward"
 CHECKPOINT_TOPIC = "edgeward/audit/checkpoints"
 WORKERS_FILE = "workers.json"
+
+
+class WorkersError(EdgewardError):
+    """A worker could not start, or kept dying (``edgeward run`` exits 2 with this message)."""
 
 
 def worker_state_dir(root: Path, index: int) -> Path:
@@ -299,12 +305,12 @@ class SiteWorkers:
                 if ev["event"] == "ready":
                     pending.discard(ev["worker"])
                 elif ev["event"] == "error" and ev["worker"] in pending:
-                    raise RuntimeError(f"worker {ev['worker']} failed to start: {ev['error']}")
+                    raise WorkersError(f"worker {ev['worker']} failed to start: {ev['error']}")
             for i in list(pending):
                 if self._procs[i].exitcode is not None:
-                    raise RuntimeError(f"worker {i} exited with {self._procs[i].exitcode} while starting")
+                    raise WorkersError(f"worker {i} exited with {self._procs[i].exitcode} while starting")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"workers {sorted(pending)} did not start within {timeout:.0f}s")
+                raise WorkersError(f"workers {sorted(pending)} did not start within {timeout:.0f}s")
             await asyncio.sleep(0.05)
 
     def _poll_events(self) -> list[dict[str, Any]]:
@@ -335,13 +341,13 @@ class SiteWorkers:
                 now = time.monotonic()
                 recent = [t for t in self._restarts.get(i, []) if now - t < 60.0]
                 if len(recent) >= self.restart_limit:
-                    raise RuntimeError(f"worker {i} died {len(recent)} times within a minute; stopping the site")
+                    raise WorkersError(f"worker {i} died {len(recent)} times within a minute; stopping the site")
                 self.log(f"worker {i} exited with {p.exitcode}; restarting it (client id {worker_client_id(i)})")
                 self._restarts[i] = [*recent, now]
                 self._spawn(i)
                 try:
                     await self._wait_ready({i}, timeout=60.0)
-                except RuntimeError as exc:
+                except WorkersError as exc:
                     self.log(str(exc))
                 self._write_workers_file()
 
