@@ -1,0 +1,493 @@
+"""Chaos run: a simulated fleet through the real gateway while faults are injected at random moments,
+then every message is reconciled against the fleet's ground truth, the audit chain and what the
+destinations received.
+
+Faults (seeded schedule, one at a time): the ingest broker restarts (same port, persistence on), the
+gateway is kill -9'd and restarted (its state dir persists), the destinations' broker is cut for
+longer than ``uplink_down_after_s``, and (``--disk-fill``, root only) the gateway's state dir -- a
+64 MiB tmpfs mounted here -- is filled with a ballast file until ENOSPC, held, then freed.
+
+Nothing is taken from the gateway's own counters (they die with kill -9): decisions come from the
+audit log (records with "routes"), drops from its ``undelivered`` records, deliveries from a
+DestinationReceiver on the destinations' broker (it dedupes by (destination, device, stream, seq)
+and counts wire duplicates).
+
+    python benchmarks/chaos.py --minutes 5 --devices 20 --seed 1 [--disk-fill] [--json]
+
+tests/integration/test_chaos.py runs the same harness for 25 s with one fault of each kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from device_sim import Fleet, make_fleet  # noqa: E402
+from gateway.audit.chain import iter_records, verify_chain  # noqa: E402
+from gateway.crypto.keys import DataKeyring, load_or_create_kek  # noqa: E402
+from gateway.errors import CryptoError  # noqa: E402
+from gateway.runtime.broker import BrokerConfig, MosquittoBroker, free_port  # noqa: E402
+from gateway.runtime.receiver import DestinationReceiver  # noqa: E402
+
+POLICY_DIR = REPO / "policies"
+REMOTE = ("customs_nl", "eu_hub", "vendor_maintenance")
+KINDS = ("ingest_restart", "gateway_kill", "dest_outage")
+
+GATEWAY = """
+import asyncio, json, signal, sys
+from pathlib import Path
+from gateway.policy import load_policy
+from gateway.runtime.service import Gateway, GatewayConfig
+
+async def main():
+    a = json.loads(sys.argv[1])
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    cfg = GatewayConfig(state_dir=Path(a["state"]), port=a["port"], rate_headroom=None,
+                        uplinks={d: ("127.0.0.1", a["dest_port"]) for d in a["remote"]},
+                        uplink_down_after_s=a["down_after"])
+    async with Gateway(cfg, load_policy(a["policy"])) as gw:
+        async def status():
+            while True:
+                try:
+                    gw.write_status()
+                except OSError:
+                    pass
+                await asyncio.sleep(0.5)
+        t = asyncio.create_task(status())
+        print("ready", flush=True)
+        await gw.serve(stop)
+        t.cancel()
+asyncio.run(main())
+"""
+
+
+class ReloadingKeyring(DataKeyring):
+    """The destinations' copy of the data keys: a restarted gateway starts a fresh key, so reload the
+    key file when an envelope names a key not seen yet."""
+
+    def get(self, kid: str):  # type: ignore[override]
+        try:
+            return super().get(kid)
+        except CryptoError:
+            self._load()
+            return super().get(kid)
+
+
+def start_broker(workdir: Path) -> MosquittoBroker:
+    last: Exception | None = None
+    for _ in range(5):
+        b = MosquittoBroker(BrokerConfig(port=free_port(), workdir=workdir))
+        try:
+            b.start()
+            return b
+        except Exception as exc:  # noqa: BLE001 - a port taken between choosing and binding: retry
+            last = exc
+    assert last is not None
+    raise last
+
+
+@dataclass
+class ChaosConfig:
+    seconds: float = 25.0
+    devices: int = 20
+    seed: int = 1
+    rate_scale: float = 4.0
+    once: bool = True  # one fault of each kind (the test); else a fault every few seconds
+    disk_fill: bool = False
+    down_after_s: float = 1.0
+    settle_timeout_s: float = 60.0
+    progress: Callable[[str], None] | None = None
+    progress_every_s: float = 5.0
+
+
+@dataclass
+class _Run:
+    cfg: ChaosConfig
+    workdir: Path
+    state: Path
+    ingest: MosquittoBroker
+    dest: MosquittoBroker
+    gw: subprocess.Popen[str] | None = None
+    lives: int = 0
+    rx: DestinationReceiver | None = None
+    faults: Counter[str] = field(default_factory=Counter)
+    fault_log: list[tuple[float, str, float]] = field(default_factory=list)
+    ballast: Path | None = None
+    t0: float = 0.0
+    disk_fill_note: str = ""
+
+
+def _say(cfg: ChaosConfig, msg: str) -> None:
+    if cfg.progress is not None:
+        cfg.progress(msg)
+
+
+def _start_gateway_sync(r: _Run) -> subprocess.Popen[str]:
+    args = {"state": str(r.state), "port": r.ingest.port, "dest_port": r.dest.port, "remote": list(REMOTE),
+            "down_after": r.cfg.down_after_s, "policy": str(POLICY_DIR)}
+    log = open(r.workdir / f"gateway-{r.lives + 1}.log", "w")
+    try:
+        p = subprocess.Popen([sys.executable, "-c", GATEWAY, json.dumps(args)], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=log, text=True)
+    finally:
+        log.close()
+    assert p.stdout is not None
+    line = p.stdout.readline().strip()
+    if line != "ready":
+        p.kill()
+        p.wait()
+        raise RuntimeError(f"gateway did not start: {(r.workdir / f'gateway-{r.lives + 1}.log').read_text()[-2000:]}")
+    r.lives += 1
+    return p
+
+
+async def _start_gateway(r: _Run) -> None:
+    r.gw = await asyncio.to_thread(_start_gateway_sync, r)
+
+
+def _status(r: _Run) -> dict[str, Any]:
+    try:
+        return json.loads((r.state / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+async def _fault(r: _Run, kind: str, rng: random.Random) -> None:
+    t = time.monotonic() - r.t0
+    start = time.monotonic()
+    if kind == "ingest_restart":
+        r.ingest.stop()
+        await asyncio.sleep(rng.uniform(0.5, 1.5))
+        await asyncio.to_thread(r.ingest.start)
+    elif kind == "gateway_kill":
+        assert r.gw is not None
+        os.kill(r.gw.pid, signal.SIGKILL)
+        await asyncio.to_thread(r.gw.wait)
+        await asyncio.sleep(rng.uniform(0.3, 1.0))
+        await _start_gateway(r)
+    elif kind == "dest_outage":
+        r.dest.stop()
+        await asyncio.sleep(rng.uniform(r.cfg.down_after_s + 1.5, r.cfg.down_after_s + 3.0))
+        await asyncio.to_thread(r.dest.start)
+        assert r.rx is not None
+        await r.rx.start()  # its persistent session resumes
+    elif kind == "disk_fill":
+        assert r.ballast is not None
+        chunk = b"\0" * (1 << 20)
+        with open(r.ballast, "wb") as f:
+            try:
+                while True:
+                    f.write(chunk)
+                    f.flush()
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+        await asyncio.sleep(rng.uniform(2.0, 4.0))
+        with contextlib.suppress(OSError):
+            r.ballast.unlink()
+    r.faults[kind] += 1
+    r.fault_log.append((round(t, 1), kind, round(time.monotonic() - start, 1)))
+    _say(r.cfg, f"[{t:6.1f}s] fault {kind} done in {time.monotonic() - start:.1f}s")
+
+
+async def _chaos(r: _Run, stop: asyncio.Event) -> None:
+    cfg = r.cfg
+    rng = random.Random(cfg.seed * 7919 + 1)
+    kinds = list(KINDS) + (["disk_fill"] if r.ballast is not None else [])
+    first = kinds[:]
+    rng.shuffle(first)
+    if cfg.once:
+        # the fleet takes several seconds to resume after the ingest restart (its publishes in flight
+        # time out first): last, so the other faults happen under traffic
+        first.sort(key=lambda k: k == "ingest_restart")
+        slot = max(1.0, (cfg.seconds - 6.0) / len(first))
+        times = [2.0 + i * slot + rng.uniform(0, slot * 0.4) for i in range(len(first))]
+        plan = list(zip(times, first, strict=True))
+    else:
+        plan, t = [], 2.0
+        while t < cfg.seconds - 5.0:
+            kind = first.pop(0) if first else rng.choice(kinds)
+            plan.append((t, kind))
+            t += rng.uniform(6.0, 15.0)
+    for at, kind in plan:
+        wait = at - (time.monotonic() - r.t0)
+        if wait > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait)
+        if stop.is_set():
+            return
+        await _fault(r, kind, rng)
+
+
+def _read_audit(state: Path) -> list[dict[str, Any]] | None:
+    try:
+        return list(iter_records(state / "audit"))
+    except (OSError, ValueError):
+        return None  # a line being written
+
+
+def reconcile(records: list[dict[str, Any]], truth: Any, rx: DestinationReceiver, lives: int) -> dict[str, Any]:
+    """Ground truth against the audit log and what the destinations received."""
+    sent = [(t.device_id, t.seq) for t in truth.sent_records]
+    decisions: Counter[tuple[str, int]] = Counter()
+    redeliveries: Counter[tuple[str, int]] = Counter()
+    reasons: dict[tuple[str, int], str] = {}
+    expected: dict[str, set[tuple[str, str, int]]] = defaultdict(set)
+    dropped: dict[str, set[tuple[str, int]]] = defaultdict(set)
+    other_drops: dict[str, Counter[str]] = defaultdict(Counter)
+    alerts: Counter[str] = Counter()
+    for rec in records:
+        ev = rec.get("event")
+        if ev == "undelivered":
+            if rec.get("reason") == "uplink.unreachable":
+                dropped[rec["dst"]].add((rec["dev"], rec["seq"]))
+            else:
+                other_drops[rec["dst"]][rec.get("reason", "?")] += 1
+            continue
+        if ev == "alert":
+            alerts[rec.get("kind", "?")] += 1
+        if ev is not None or "dev" not in rec:
+            continue
+        key = (rec["dev"], rec["seq"])
+        if "routes" in rec:
+            decisions[key] += 1
+            if "redelivery_skipped" in rec:
+                redeliveries[key] += 1
+            for route in rec["routes"]:
+                if route["allow"] and route["dst"] in REMOTE:
+                    expected[route["dst"]].add((rec["dev"], rec["stream"], rec["seq"]))
+        elif rec.get("reason"):
+            reasons.setdefault(key, rec["reason"])
+    sent_set = set(sent)
+    missing = [k for k in sent if not decisions[k] and k not in reasons]
+    multi = {k: n for k, n in decisions.items() if n > 1}
+    received: dict[str, set[tuple[str, str, int]]] = defaultdict(set)
+    for m in rx.messages:
+        received[m.header.destination].add((m.header.device, m.header.stream, m.header.seq))
+    dests = {}
+    for d in REMOTE:
+        exp, got, drop = expected[d], received[d], dropped[d]
+        lost = [k for k in exp if k not in got and (k[0], k[2]) not in drop]
+        dests[d] = {
+            "expected": len(exp),
+            "received": len(got),
+            "dropped_unreachable": len(drop),
+            "dropped_other": dict(other_drops[d]),
+            "lost": len(lost),
+            "lost_sample": [list(k) for k in sorted(lost)[:5]],
+            "unexpected": len(got - exp),
+            "dropped_but_delivered": sum(1 for k in got if (k[0], k[2]) in drop),
+            "dup_after_dedupe": rx.counts[d] - len({(k[0], k[2]) for k in got}),
+        }
+    return {
+        "sent": len(sent),
+        "sent_unique": len(sent_set),
+        "failed_publishes": len(truth.failed),
+        "decided": sum(1 for k in sent_set if decisions[k]),
+        "rejected_with_reason": dict(Counter(reasons[k] for k in sent_set if not decisions[k] and k in reasons)),
+        "missing": len(missing),
+        "missing_sample": [list(k) for k in missing[:5]],
+        "decided_more_than_once": len(multi),
+        "decided_more_than_once_marked_redelivery": sum(1 for k in multi if redeliveries[k]),
+        "max_decisions_per_message": max(decisions.values(), default=0),
+        "decided_not_acked_to_fleet": sum(1 for k in decisions if k not in sent_set),
+        "wire_duplicates": rx.duplicates,
+        "undecryptable": rx.undecryptable,
+        "destinations": dests,
+        "alerts": dict(alerts),
+        "gateway_lives": lives,
+    }
+
+
+def _settled(r: _Run, truth: Any, records: list[dict[str, Any]] | None) -> bool:
+    if records is None:
+        return False
+    decided = {(x["dev"], x["seq"]) for x in records if "event" not in x and "dev" in x}
+    if any((t.device_id, t.seq) not in decided for t in truth.sent_records):
+        return False
+    st = _status(r)
+    if not st or st.get("awaiting_uplink_ack") or st.get("uplink_backlog"):
+        return False
+    for d in REMOTE:
+        row = st.get("destinations", {}).get(d, {})
+        if row.get("state") != "up" or row.get("backlog") or row.get("batch") or row.get("in_flight"):
+            return False
+    return True
+
+
+async def run_chaos(cfg: ChaosConfig, workdir: Path) -> dict[str, Any]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    state_root = workdir
+    mounted: Path | None = None
+    note = ""
+    if cfg.disk_fill:
+        mnt = workdir / "tmpfs"
+        mnt.mkdir(exist_ok=True)
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True,
+                           text=True)
+        if p.returncode == 0:
+            mounted, state_root = mnt, mnt
+        else:
+            note = f"disk-fill skipped: mount not permitted ({p.stderr.strip() or p.returncode})"
+            _say(cfg, note)
+    ingest = start_broker(workdir / "ingest-broker")
+    dest = None
+    r: _Run | None = None
+    try:
+        dest = start_broker(workdir / "dest-broker")
+        r = _Run(cfg, workdir, state_root / "gw", ingest, dest, disk_fill_note=note)
+        if mounted is not None:
+            r.ballast = mounted / "ballast"
+        r.t0 = time.monotonic()
+        await _start_gateway(r)
+        ring = ReloadingKeyring(r.state / "keys" / "datakeys.jsonl",
+                                load_or_create_kek(r.state / "keys" / "kek.key"))
+        r.rx = rx = DestinationReceiver("127.0.0.1", dest.port, ring, keep=True)
+        await rx.start()
+        fleet = Fleet(make_fleet(cfg.devices, seed=cfg.seed), port=ingest.port, seed=cfg.seed,
+                      rate_scale=cfg.rate_scale, drop_every_s=None,
+                      publish_timeout_s=2.0, connect_timeout_s=3.0)
+        stop = asyncio.Event()
+        run = asyncio.create_task(fleet.run(cfg.seconds))
+        chaos = asyncio.create_task(_chaos(r, stop))
+
+        async def progress() -> None:
+            while True:
+                await asyncio.sleep(cfg.progress_every_s)
+                st = _status(r)
+                states = {d: st.get("destinations", {}).get(d, {}).get("state", "?")[:4] for d in REMOTE}
+                _say(cfg, f"[{time.monotonic() - r.t0:6.1f}s] sent {fleet.truth.sent} failed "
+                          f"{len(fleet.truth.failed)} | gw life {r.lives} decided {st.get('stats', {}).get('decided', '?')}"
+                          f" paused {st.get('paused')} | rx {rx.total} wire-dups {rx.duplicates} | {states}"
+                          f" | faults {dict(r.faults)}")
+
+        prog = asyncio.create_task(progress()) if cfg.progress else None
+        truth = await run
+        stop.set()
+        await chaos
+        _say(cfg, f"[{time.monotonic() - r.t0:6.1f}s] fleet done: {truth.sent} sent; settling")
+        deadline = time.monotonic() + cfg.settle_timeout_s
+        settled = False
+        while time.monotonic() < deadline:
+            if _settled(r, truth, _read_audit(r.state)):
+                settled = True
+                break
+            await asyncio.sleep(0.5)
+        before = -1
+        while rx.total != before:  # the last batches reaching the receiver
+            before = rx.total
+            await asyncio.sleep(0.7)
+        if prog is not None:
+            prog.cancel()
+        assert r.gw is not None
+        r.gw.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(r.gw.wait, 30)
+        await asyncio.sleep(0.3)
+        await rx.stop()
+        records = _read_audit(r.state) or []
+        out = reconcile(records, truth, rx, r.lives)
+        out.update({
+            "seconds": cfg.seconds, "devices": cfg.devices, "seed": cfg.seed, "rate_scale": cfg.rate_scale,
+            "settled": settled, "faults": dict(r.faults), "fault_log": r.fault_log,
+            "audit_ok": verify_chain(r.state / "audit").ok, "runtime_s": round(time.monotonic() - r.t0, 1),
+            "disk_fill": mounted is not None, "notes": [note] if note else [],
+            "gateway_exit": r.gw.returncode,
+        })
+        out["ok"] = ok(out)
+        return out
+    finally:
+        if r is not None and r.gw is not None and r.gw.poll() is None:
+            r.gw.kill()
+            r.gw.wait()
+        if dest is not None:
+            dest.stop()
+        ingest.stop()
+        if mounted is not None:
+            subprocess.run(["umount", str(mounted)], check=False)
+
+
+def ok(out: dict[str, Any]) -> bool:
+    d = out["destinations"]
+    return (out["missing"] == 0 and out["audit_ok"] and out["undecryptable"] == 0
+            and out["max_decisions_per_message"] <= out["gateway_lives"]
+            and all(v["lost"] == 0 and v["unexpected"] == 0 and v["dup_after_dedupe"] == 0 for v in d.values())
+            and d["customs_nl"]["dropped_unreachable"] == 0 and not d["customs_nl"]["dropped_other"])
+
+
+def table(out: dict[str, Any]) -> str:
+    lines = [
+        f"chaos: {out['seconds']:.0f}s, {out['devices']} devices, seed {out['seed']}, rate x{out['rate_scale']}, "
+        f"runtime {out['runtime_s']}s, gateway lives {out['gateway_lives']}, settled {out['settled']}",
+        f"faults injected: {out['faults']}" + ("" if out["disk_fill"] else "  (no disk fill)"),
+        f"sent (PUBACKed) {out['sent']}  failed publishes {out['failed_publishes']}  decided {out['decided']}  "
+        f"rejected {out['rejected_with_reason'] or 0}  missing {out['missing']}",
+        f"decided more than once {out['decided_more_than_once']} "
+        f"(marked redelivery {out['decided_more_than_once_marked_redelivery']}, max "
+        f"{out['max_decisions_per_message']}/message)  decided but not PUBACKed to fleet "
+        f"{out['decided_not_acked_to_fleet']}",
+        f"wire duplicates (receiver) {out['wire_duplicates']}  undecryptable {out['undecryptable']}  "
+        f"audit chain ok {out['audit_ok']}",
+        "",
+        f"{'destination':<20}{'expected':>9}{'received':>9}{'dropped':>9}{'lost':>6}{'dup-after':>10}"
+        f"{'unexpected':>11}{'drop+deliv':>11}  other drops",
+    ]
+    for name, v in out["destinations"].items():
+        lines.append(f"{name:<20}{v['expected']:>9}{v['received']:>9}{v['dropped_unreachable']:>9}{v['lost']:>6}"
+                     f"{v['dup_after_dedupe']:>10}{v['unexpected']:>11}{v['dropped_but_delivered']:>11}  "
+                     f"{v['dropped_other'] or '-'}")
+    lines.append("")
+    lines.append(f"dropped = undelivered with uplink.unreachable; result: {'OK' if out['ok'] else 'FAILED'}")
+    lines += out["notes"]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--minutes", type=float, default=5.0)
+    ap.add_argument("--devices", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--rate-scale", type=float, default=4.0)
+    ap.add_argument("--disk-fill", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print the summary as JSON (progress goes to stderr)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    a = ap.parse_args()
+    if a.disk_fill and os.geteuid() != 0:
+        print("disk-fill skipped: not root (mount needs it)", file=sys.stderr)
+        a.disk_fill = False
+    cfg = ChaosConfig(seconds=a.minutes * 60, devices=a.devices, seed=a.seed, rate_scale=a.rate_scale, once=False,
+                      disk_fill=a.disk_fill, settle_timeout_s=120,
+                      progress=lambda s: print(s, file=sys.stderr if a.json else sys.stdout, flush=True),
+                      progress_every_s=10.0)
+    work = Path(tempfile.mkdtemp(prefix="edgeward-chaos-"))
+    try:
+        out = asyncio.run(run_chaos(cfg, work))
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(out, indent=1) if a.json else table(out))
+    return 0 if out["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
