@@ -71,7 +71,8 @@ class BrokerConfig:
     persistence: bool = True
     max_queued_messages: int = 1_000_000
     max_queued_bytes: int = 2 * 1024**3
-    max_inflight_messages: int = 1_000
+    max_inflight_messages: int = 20_000
+    max_inflight_bytes: int = 256 * 1024**2
     max_packet_size: int = 2 * 1024**2
     max_connections: int = -1
     # RLIMIT_NOFILE of the broker process: one descriptor per connection, plus listeners and files.
@@ -108,6 +109,9 @@ class BrokerConfig:
             "# QoS-1 messages in flight to one client at a time (default 20): the gateway acknowledges in",
             "# batches, so a deeper window keeps the pipe full.",
             f"max_inflight_messages {self.max_inflight_messages}",
+            "# The gateway acknowledges a message only after its re-timed uplink batch (1 s by default) is",
+            "# released and acknowledged: the window must cover a period of traffic, bounded in bytes too.",
+            f"max_inflight_bytes {self.max_inflight_bytes}",
             "",
             "# The largest MQTT packet accepted, in bytes; the gateway's own payload limits are per device",
             "# type and lower.",
