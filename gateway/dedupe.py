@@ -10,6 +10,8 @@ redeliveries reach that far back. A jump forward records at most ``window`` new 
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = ["DedupeWindow"]
 
 
@@ -18,13 +20,14 @@ class DedupeWindow:
 
     def __init__(self, window: int = 4096) -> None:
         self.window = window
-        self._state: dict[str, list] = {}  # device -> [highest seq, set of gaps or None]
+        # device -> [highest seq, gaps below it (set or None), first seq seen, seen below the first]
+        self._state: dict[str, list[Any]] = {}
 
     def is_new(self, device: str, seq: int) -> bool:
         """True the first time (device, seq) is offered, False for a repeat; records it."""
         st = self._state.get(device)
         if st is None:
-            self._state[device] = [seq, None]
+            self._state[device] = [seq, None, seq, None]
             return True
         high = st[0]
         if seq > high:
@@ -39,6 +42,17 @@ class DedupeWindow:
             return True
         if seq <= high - self.window:
             return False
+        if seq < st[2]:  # below the first sequence seen (e.g. older messages redelivered after it)
+            below = st[3]
+            if below is None:
+                below = st[3] = set()
+            elif seq in below:
+                return False
+            below.add(seq)
+            if len(below) > self.window:
+                floor = high - self.window
+                st[3] = {b for b in below if b > floor}
+            return True
         gaps = st[1]
         if gaps is None or seq not in gaps:
             return False

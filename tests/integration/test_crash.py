@@ -101,8 +101,10 @@ async def test_kill_9_and_restart_lose_nothing_and_duplicate_nothing(broker: Mos
     again = [k for k, n in seen.items() if n > 1 and (k[0], k[1], k[3]) in known_done]
     assert again == []  # nothing the gateway knew was delivered went out twice
     # A copy in flight at the kill (published, PUBACK not yet read) may arrive twice: its header
-    # (device, stream, seq), authenticated, lets the destination drop it. Those are few.
-    assert sum(n - 1 for n in seen.values()) <= 50
+    # (device, stream, seq), authenticated, lets the destination drop it. At most one re-timed batch
+    # (1 s of uplink traffic) is in flight at once, plus a margin.
+    per_period = len(uplinked) / 5.0
+    assert sum(n - 1 for n in seen.values()) <= per_period + 50
     ring = DataKeyring(state / "keys" / "datakeys.jsonl", load_or_create_kek(state / "keys" / "kek.key"))
     vault = Counter()
     for env in read_vault(state / "vault"):
