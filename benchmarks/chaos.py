@@ -5,7 +5,7 @@ destinations received.
 Faults (seeded schedule, one at a time): the ingest broker restarts (same port, persistence on), the
 gateway is kill -9'd and restarted (its state dir persists), the destinations' broker is cut for
 longer than ``uplink_down_after_s``, and (``--disk-fill``, root only) the gateway's state dir -- a
-64 MiB tmpfs mounted here -- is filled with a ballast file until ENOSPC, held, then freed.
+tmpfs mounted here (--tmpfs-mb, 256 MiB by default) -- is filled with a ballast file until ENOSPC, held, then freed.
 
 Nothing is taken from the gateway's own counters (they die with kill -9): decisions come from the
 audit log (records with "routes"), drops from its ``undelivered`` records, deliveries from a
@@ -42,12 +42,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from device_sim import Fleet, make_fleet  # noqa: E402
-from gateway.audit.chain import iter_records, verify_chain  # noqa: E402
-from gateway.crypto.keys import DataKeyring, load_or_create_kek  # noqa: E402
-from gateway.errors import CryptoError  # noqa: E402
-from gateway.runtime.broker import BrokerConfig, MosquittoBroker, free_port  # noqa: E402
-from gateway.runtime.receiver import DestinationReceiver  # noqa: E402
+from device_sim import Fleet, make_fleet
+from gateway.audit.chain import iter_records, verify_chain
+from gateway.crypto.keys import DataKeyring, load_or_create_kek
+from gateway.errors import CryptoError
+from gateway.runtime.broker import BrokerConfig, MosquittoBroker, free_port
+from gateway.runtime.receiver import DestinationReceiver
 
 POLICY_DIR = REPO / "policies"
 REMOTE = ("customs_nl", "eu_hub", "vendor_maintenance")
@@ -115,6 +115,7 @@ class ChaosConfig:
     rate_scale: float = 4.0
     once: bool = True  # one fault of each kind (the test); else a fault every few seconds
     disk_fill: bool = False
+    tmpfs_mb: int = 256  # the state dir's volume with disk_fill: the vault alone takes ~25 KB a message
     down_after_s: float = 1.0
     settle_timeout_s: float = 60.0
     progress: Callable[[str], None] | None = None
@@ -146,12 +147,9 @@ def _say(cfg: ChaosConfig, msg: str) -> None:
 def _start_gateway_sync(r: _Run) -> subprocess.Popen[str]:
     args = {"state": str(r.state), "port": r.ingest.port, "dest_port": r.dest.port, "remote": list(REMOTE),
             "down_after": r.cfg.down_after_s, "policy": str(POLICY_DIR)}
-    log = open(r.workdir / f"gateway-{r.lives + 1}.log", "w")
-    try:
+    with open(r.workdir / f"gateway-{r.lives + 1}.log", "w") as log:
         p = subprocess.Popen([sys.executable, "-c", GATEWAY, json.dumps(args)], cwd=REPO, stdout=subprocess.PIPE,
                              stderr=log, text=True)
-    finally:
-        log.close()
     assert p.stdout is not None
     line = p.stdout.readline().strip()
     if line != "ready":
@@ -171,6 +169,19 @@ def _status(r: _Run) -> dict[str, Any]:
         return json.loads((r.state / "status.json").read_text())
     except (OSError, ValueError):
         return {}
+
+
+def _fill(path: Path) -> None:
+    """Write a ballast file until the volume is full (ENOSPC)."""
+    chunk = b"\0" * (1 << 20)
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(chunk)
+                f.flush()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
 
 
 async def _fault(r: _Run, kind: str, rng: random.Random) -> None:
@@ -194,15 +205,7 @@ async def _fault(r: _Run, kind: str, rng: random.Random) -> None:
         await r.rx.start()  # its persistent session resumes
     elif kind == "disk_fill":
         assert r.ballast is not None
-        chunk = b"\0" * (1 << 20)
-        with open(r.ballast, "wb") as f:
-            try:
-                while True:
-                    f.write(chunk)
-                    f.flush()
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
+        await asyncio.to_thread(_fill, r.ballast)
         await asyncio.sleep(rng.uniform(2.0, 4.0))
         with contextlib.suppress(OSError):
             r.ballast.unlink()
@@ -344,8 +347,8 @@ async def run_chaos(cfg: ChaosConfig, workdir: Path) -> dict[str, Any]:
     if cfg.disk_fill:
         mnt = workdir / "tmpfs"
         mnt.mkdir(exist_ok=True)
-        p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True,
-                           text=True)
+        p = await asyncio.to_thread(subprocess.run, ["mount", "-t", "tmpfs", "-o", f"size={cfg.tmpfs_mb}m", "tmpfs", str(mnt)],
+                                    capture_output=True, text=True, check=False)
         if p.returncode == 0:
             mounted, state_root = mnt, mnt
         else:
@@ -424,7 +427,7 @@ async def run_chaos(cfg: ChaosConfig, workdir: Path) -> dict[str, Any]:
             dest.stop()
         ingest.stop()
         if mounted is not None:
-            subprocess.run(["umount", str(mounted)], check=False)
+            subprocess.run(["umount", str(mounted)], check=False)  # noqa: ASYNC221 - teardown, once
 
 
 def ok(out: dict[str, Any]) -> bool:
@@ -437,20 +440,20 @@ def ok(out: dict[str, Any]) -> bool:
 
 def table(out: dict[str, Any]) -> str:
     lines = [
-        f"chaos: {out['seconds']:.0f}s, {out['devices']} devices, seed {out['seed']}, rate x{out['rate_scale']}, "
-        f"runtime {out['runtime_s']}s, gateway lives {out['gateway_lives']}, settled {out['settled']}",
+        (f"chaos: {out['seconds']:.0f}s, {out['devices']} devices, seed {out['seed']}, rate x{out['rate_scale']}, "
+         f"runtime {out['runtime_s']}s, gateway lives {out['gateway_lives']}, settled {out['settled']}"),
         f"faults injected: {out['faults']}" + ("" if out["disk_fill"] else "  (no disk fill)"),
-        f"sent (PUBACKed) {out['sent']}  failed publishes {out['failed_publishes']}  decided {out['decided']}  "
-        f"rejected {out['rejected_with_reason'] or 0}  missing {out['missing']}",
-        f"decided more than once {out['decided_more_than_once']} "
-        f"(marked redelivery {out['decided_more_than_once_marked_redelivery']}, max "
-        f"{out['max_decisions_per_message']}/message)  decided but not PUBACKed to fleet "
-        f"{out['decided_not_acked_to_fleet']}",
-        f"wire duplicates (receiver) {out['wire_duplicates']}  undecryptable {out['undecryptable']}  "
-        f"audit chain ok {out['audit_ok']}",
+        (f"sent (PUBACKed) {out['sent']}  failed publishes {out['failed_publishes']}  decided {out['decided']}  "
+         f"rejected {out['rejected_with_reason'] or 0}  missing {out['missing']}"),
+        (f"decided more than once {out['decided_more_than_once']} "
+         f"(marked redelivery {out['decided_more_than_once_marked_redelivery']}, max "
+         f"{out['max_decisions_per_message']}/message)  decided but not PUBACKed to fleet "
+         f"{out['decided_not_acked_to_fleet']}"),
+        (f"wire duplicates (receiver) {out['wire_duplicates']}  undecryptable {out['undecryptable']}  "
+         f"audit chain ok {out['audit_ok']}"),
         "",
-        f"{'destination':<20}{'expected':>9}{'received':>9}{'dropped':>9}{'lost':>6}{'dup-after':>10}"
-        f"{'unexpected':>11}{'drop+deliv':>11}  other drops",
+        (f"{'destination':<20}{'expected':>9}{'received':>9}{'dropped':>9}{'lost':>6}{'dup-after':>10}"
+         f"{'unexpected':>11}{'drop+deliv':>11}  other drops"),
     ]
     for name, v in out["destinations"].items():
         lines.append(f"{name:<20}{v['expected']:>9}{v['received']:>9}{v['dropped_unreachable']:>9}{v['lost']:>6}"
@@ -469,6 +472,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--rate-scale", type=float, default=4.0)
     ap.add_argument("--disk-fill", action="store_true")
+    ap.add_argument("--tmpfs-mb", type=int, default=256,
+                    help="size of the state dir's tmpfs with --disk-fill (64 fills up with vault data within 2 min)")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON (progress goes to stderr)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     a = ap.parse_args()
@@ -476,7 +481,7 @@ def main() -> int:
         print("disk-fill skipped: not root (mount needs it)", file=sys.stderr)
         a.disk_fill = False
     cfg = ChaosConfig(seconds=a.minutes * 60, devices=a.devices, seed=a.seed, rate_scale=a.rate_scale, once=False,
-                      disk_fill=a.disk_fill, settle_timeout_s=120,
+                      disk_fill=a.disk_fill, tmpfs_mb=a.tmpfs_mb, settle_timeout_s=120,
                       progress=lambda s: print(s, file=sys.stderr if a.json else sys.stdout, flush=True),
                       progress_every_s=10.0)
     work = Path(tempfile.mkdtemp(prefix="edgeward-chaos-"))
