@@ -118,6 +118,7 @@ class ChaosConfig:
     tmpfs_mb: int = 256  # the state dir's volume with disk_fill: the vault alone takes ~25 KB a message
     down_after_s: float = 1.0
     settle_timeout_s: float = 60.0
+    keep_state: bool = False  # copy the state dir out of the tmpfs before it is unmounted
     progress: Callable[[str], None] | None = None
     progress_every_s: float = 5.0
 
@@ -314,6 +315,7 @@ def reconcile(records: list[dict[str, Any]], truth: Any, rx: DestinationReceiver
         "decided_more_than_once": len(multi),
         "decided_more_than_once_marked_redelivery": sum(1 for k in multi if redeliveries[k]),
         "max_decisions_per_message": max(decisions.values(), default=0),
+        "decided_more_than_once_sample": [[k[0], k[1], n] for k, n in sorted(multi.items(), key=lambda x: -x[1])[:5]],
         "decided_not_acked_to_fleet": sum(1 for k in decisions if k not in sent_set),
         "wire_duplicates": rx.duplicates,
         "undecryptable": rx.undecryptable,
@@ -427,6 +429,8 @@ async def run_chaos(cfg: ChaosConfig, workdir: Path) -> dict[str, Any]:
             dest.stop()
         ingest.stop()
         if mounted is not None:
+            if cfg.keep_state:
+                shutil.copytree(mounted / "gw", workdir / "state-copy", dirs_exist_ok=True)
             subprocess.run(["umount", str(mounted)], check=False)  # noqa: ASYNC221 - teardown, once
 
 
@@ -481,7 +485,7 @@ def main() -> int:
         print("disk-fill skipped: not root (mount needs it)", file=sys.stderr)
         a.disk_fill = False
     cfg = ChaosConfig(seconds=a.minutes * 60, devices=a.devices, seed=a.seed, rate_scale=a.rate_scale, once=False,
-                      disk_fill=a.disk_fill, tmpfs_mb=a.tmpfs_mb, settle_timeout_s=120,
+                      disk_fill=a.disk_fill, tmpfs_mb=a.tmpfs_mb, keep_state=a.keep, settle_timeout_s=120,
                       progress=lambda s: print(s, file=sys.stderr if a.json else sys.stdout, flush=True),
                       progress_every_s=10.0)
     work = Path(tempfile.mkdtemp(prefix="edgeward-chaos-"))
