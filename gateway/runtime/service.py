@@ -463,7 +463,8 @@ class Gateway:
             spools = [ob.spool for ob in self.outboxes.values() if ob.spool is not None]
             if spools:
                 await asyncio.to_thread(_sync_spools, spools)
-            self.write_status()
+            with contextlib.suppress(OSError):  # a full disk must not end this loop (it retries the disk)
+                self.write_status()
             for f in (self._shadow_log, self._traffic):
                 if f is not None:
                     f.flush()

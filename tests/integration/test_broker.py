@@ -10,7 +10,7 @@ from gateway.runtime.broker import MosquittoBroker
 def test_private_broker_renders_limits_and_serves(broker: MosquittoBroker) -> None:
     conf = broker.conf_path.read_text()
     assert "max_queued_messages 1000000" in conf
-    assert "max_inflight_messages 1000" in conf
+    assert "max_inflight_messages 20000" in conf
     assert f"listener {broker.port} 127.0.0.1" in conf
     out = subprocess.run(
         ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", "$SYS/broker/version",
