@@ -3,7 +3,8 @@
 It stands in for the customs system, the EU hub and the vendor's service: subscribes to the uplink
 topic tree with a persistent QoS-1 session, opens each envelope with the key it holds (proving the
 data arrived encrypted and intact), and counts what each destination received, duplicates included,
-with the end-to-end latency from the device's timestamp.
+with the end-to-end latency from the device's timestamp. With ``keep`` it also keeps every envelope
+it opened, with its arrival time (monotonic), for leak measurements.
 """
 
 from __future__ import annotations
@@ -20,14 +21,19 @@ from gateway.crypto.keys import DataKeyring
 from gateway.errors import CryptoError
 from gateway.runtime.mqtt import Message, MqttClient
 
-__all__ = ["Received", "DestinationReceiver"]
+__all__ = ["DestinationReceiver", "Received"]
 
 
 @dataclass(frozen=True, slots=True)
 class Received:
+    """One envelope as its destination got it. ``arrival`` is the destination's ``time.monotonic()``
+    when the batch holding it was read off the socket (0.0 when unknown): the timing a destination can
+    observe, which is what a timing channel leaks through (``device_sim.report``)."""
+
     topic: str
     header: Header
     fields: dict[str, Any]
+    arrival: float = 0.0
 
 
 @dataclass
@@ -67,6 +73,7 @@ class DestinationReceiver:
         return sum(self.counts.values())
 
     def _on_messages(self, batch: list[Message]) -> None:
+        arrival = time.monotonic()  # the read: every message of this batch arrived together
         now = self.clock()
         assert self._client is not None
         for m in batch:
@@ -89,6 +96,6 @@ class DestinationReceiver:
                     self.counts[header.destination] += 1
                     self.latencies_ms.append(now * 1000 - header.ts)
                     if self.keep:
-                        self.messages.append(Received(m.topic, header, fields))
+                        self.messages.append(Received(m.topic, header, fields, arrival))
             if m.packet_id is not None:
                 self._client.ack(m.packet_id)

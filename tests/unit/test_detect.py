@@ -250,6 +250,40 @@ def test_rate_baseline_flags_bursts_and_volume() -> None:
         assert o.technique == "burst"
 
 
+def test_rate_baseline_throttles_a_hostile_burst_within_seconds() -> None:
+    # the all-techniques burst: 8 copies of every message (results and health every 5 s)
+    for dtype, interval in (("body_scanner", 4.0), ("trace_detector", 10.0)):
+        b = RateBaseline()
+        times = sorted([i * interval for i in range(1, 40)] + [i * 5.0 + 0.1 for i in range(40)])
+        first = next(t for t in times for _ in range(8) if b.observe(f"{dtype}-h", 1_000, t, device_type=dtype))
+        assert first <= 40.0, (dtype, first)  # was > 120 s with the old allowance
+    # after that it passes at most headroom x its normal rate: 1.125 msg/s for a body scanner
+    b = RateBaseline()
+    passed = sum(b.observe("bs-h", 1_000, i * 0.5, device_type="body_scanner") is None for i in range(2_400))
+    assert passed <= 1.125 * 1_200 + 34
+
+
+def test_rate_baseline_credits_a_gateway_outage_backlog() -> None:
+    b = RateBaseline()
+    for i in range(60):  # a trace detector's normal traffic, then the gateway stops reading for 5 min
+        assert b.observe("et-1", 500, i * 5.0, device_type="trace_detector") is None
+    assert b.observe("bs-1", 500, 299.0, device_type="body_scanner") is None
+    backlog = 300 // 10 + 300 // 5  # results every 10 s and health every 5 s, delivered at once
+    assert _simulate(b, "et-1", "trace_detector", backlog, 0.001, 500, t0=600.0) == []
+    assert _simulate(b, "et-1", "trace_detector", 200, 0.001, 500, t0=601.0)  # beyond the backlog: flagged
+    # a restarted gateway that knows it was down for 10 minutes says so
+    b2 = RateBaseline()
+    b2.catch_up(600.0, 0.0)
+    assert _simulate(b2, "et-2", "trace_detector", 600 // 10 + 600 // 5, 0.001, 500) == []
+    # without that, a cold start only allows the tight burst
+    assert _simulate(RateBaseline(), "et-3", "trace_detector", 180, 0.001, 500)
+    # an honest device that stalled for a minute and sends its queue at once is not flagged
+    # (a minute of an e-gate: 20 results at its maximum size and 12 health reports)
+    b3 = RateBaseline()
+    assert _simulate(b3, "fg-4", "face_egate", 20, 0.01, 8_192) + _simulate(b3, "fg-4", "face_egate", 12, 0.01, 300,
+                                                                           t0=0.5) == []
+
+
 def test_rate_baseline_memory_is_bounded() -> None:
     b = RateBaseline(max_devices=100)
     for i in range(1_000):

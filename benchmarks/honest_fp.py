@@ -1,0 +1,189 @@
+"""Honest false positives: a large honest fleet against the real gateway, and everything it refused.
+
+A private Mosquitto (Edgeward's rendered config), the real ``Gateway`` with the site policy in
+``policies/`` and the per-device rate baselines on (``RateBaseline`` defaults, isolation armed), the
+destinations (``DestinationReceiver``), and an honest aiomqtt fleet of every device family at the
+catalogue's rates (mobile units drop their uplink and flush their store-and-forward buffer, as in the
+demo). The fleet runs in a child process so it does not share a core with the gateway.
+
+Every message any guard or detector refused (by reason code) is a false positive, as is every image
+trailer cut, alert and isolation: the fleet is honest. Policy denials (a destination the policy does
+not allow for that data) are the policy working, shown apart. Target: 0 false positives.
+
+    python benchmarks/honest_fp.py                              # 1,000 devices for 10 minutes
+    python benchmarks/honest_fp.py --devices 200 --minutes 1 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks._common import log, start_broker
+
+
+def _fleet_main(port: int, devices: int, seconds: float, rate_scale: float, seed: int, site: str, out: str) -> None:
+    """Child process: the honest fleet; writes what the broker acknowledged to ``out`` as JSON."""
+    from device_sim import Fleet, make_fleet
+
+    specs = make_fleet(devices, site=site, seed=seed)
+    fleet = Fleet(specs, port=port, seed=seed, rate_scale=rate_scale)
+    truth = asyncio.run(fleet.run(seconds))
+    Path(out).write_text(json.dumps({
+        "sent": truth.sent,
+        "failed": len(truth.failed),
+        "by_type": dict(truth.by_type),
+        "connected": len(truth.connects),
+        "outages": len(truth.outages),
+        "buffered": sum(o.buffered for o in truth.outages),
+        "connect_failures": fleet.connect_failures,
+        "offered_msgs_s": round(fleet.offered_rate, 1),
+    }))
+
+
+async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from gateway.audit.chain import iter_records
+    from gateway.policy import load_policy
+    from gateway.runtime.receiver import DestinationReceiver
+    from gateway.runtime.service import Gateway, GatewayConfig
+
+    policy = load_policy(REPO / "policies")
+    broker = start_broker(work / "broker")
+    try:
+        state = work / "gw"
+        gw = Gateway(GatewayConfig(state_dir=state, port=broker.port), policy)  # rate baselines on by default
+        isolated: list[str] = []
+
+        async def on_isolate(device: str) -> None:  # what a site would do: certificate on hold, disconnect
+            isolated.append(device)
+
+        gw.on_isolate = on_isolate
+        rx = DestinationReceiver("127.0.0.1", broker.port, gw.keyring, client_id="honest-fp-destinations")
+        await rx.start()
+        stop = asyncio.Event()
+        out = work / "fleet.json"
+        seconds = args.minutes * 60.0
+        async with gw:
+            serve = asyncio.create_task(gw.serve(stop))
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--fleet-child", str(broker.port),
+                   "--devices", str(args.devices), "--seconds", str(seconds), "--rate-scale", str(args.rate_scale),
+                   "--seed", str(args.seed), "--site", policy.site, "--out", str(out)]
+            t0 = time.monotonic()
+            proc = await asyncio.create_subprocess_exec(*cmd)
+            while proc.returncode is None:
+                try:
+                    await asyncio.wait_for(proc.wait(), timeout=30.0)
+                except TimeoutError:
+                    s = gw.stats
+                    log(f"  {time.monotonic() - t0:6.0f}s  gateway received {s.received}  rejected "
+                        f"{sum(s.rejected.values())}  violations {sum(s.violations.values())}  "
+                        f"isolated {len(isolated)}  at destinations {rx.total}")
+            elapsed = time.monotonic() - t0
+            if proc.returncode != 0:
+                raise RuntimeError(f"fleet process exited {proc.returncode}")
+            drained = await gw.drain(timeout=60)
+            want = sum(n for d, n in gw.stats.forwarded.items() if policy.destinations[d].transport == "mqtt")
+            deadline = time.monotonic() + 15
+            while rx.total < want and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            stop.set()
+            await serve
+        await rx.stop()
+        fleet = json.loads(out.read_text())
+        alerts: Counter[str] = Counter()
+        for rec in iter_records(state / "audit"):
+            if rec.get("event") == "alert":
+                alerts[f"{rec.get('kind')}:{rec.get('code', '')}".rstrip(":")] += 1
+    finally:
+        broker.stop()
+    s = gw.stats
+    refused = dict(sorted(s.rejected.items()))
+    cuts = s.violations.get("detect.image_trailer", 0)
+    fp = sum(refused.values()) + cuts
+    return {
+        "devices": args.devices,
+        "minutes": args.minutes,
+        "rate_scale": args.rate_scale,
+        "fleet": fleet,
+        "elapsed_s": round(elapsed, 1),
+        "gateway_received": s.received,
+        "decided": s.decided,
+        "duplicates": s.duplicates,
+        "refused_by_code": refused,
+        "image_trailer_cuts": cuts,
+        "false_positives": fp,
+        "false_positive_rate": (fp / s.received) if s.received else 0.0,
+        "alerts": dict(sorted(alerts.items())),
+        "isolated": sorted(set(isolated) | gw.isolated),
+        "policy_denials": dict(sorted(s.denied.items())),
+        "forwarded": dict(sorted(s.forwarded.items())),
+        "at_destinations": rx.total,
+        "undelivered": max(0, want - rx.total),
+        "broker_dropped": s.broker_dropped,
+        "drained": drained,
+        "rate_baseline": "gateway.detect.RateBaseline defaults (headroom 2.5, burst 30 s, mobile_border 1 h)",
+    }
+
+
+def _table(r: dict[str, Any]) -> str:
+    f = r["fleet"]
+    rows = [
+        ("devices (connected)", f"{r['devices']} ({f['connected']})"),
+        ("duration", f"{r['minutes']:g} min (fleet ran {r['elapsed_s']} s), rate scale {r['rate_scale']:g}"),
+        ("messages sent (PUBACKed)", (f"{f['sent']:,}  (offered {f['offered_msgs_s']} msg/s; send failures "
+                                      f"{f['failed']})")),
+        ("mobile outages / buffered msgs", f"{f['outages']} / {f['buffered']}"),
+        ("gateway received / decided", f"{r['gateway_received']:,} / {r['decided']:,}"),
+        ("refused by a guard or detector", (", ".join(f"{k} {v}" for k, v in r["refused_by_code"].items())
+                                            or "none")),
+        ("image trailer cuts", str(r["image_trailer_cuts"])),
+        ("FALSE POSITIVES", f"{r['false_positives']} ({r['false_positive_rate'] * 100:.4f} %)"),
+        ("alerts", ", ".join(f"{k} {v}" for k, v in r["alerts"].items()) or "none"),
+        ("devices isolated", str(len(r["isolated"])) + (f" {r['isolated'][:10]}" if r["isolated"] else "")),
+        ("policy denials (not FP)", ", ".join(f"{k} {v}" for k, v in r["policy_denials"].items()) or "none"),
+        ("forwarded", ", ".join(f"{k} {v}" for k, v in r["forwarded"].items())),
+        ("at destinations / undelivered", f"{r['at_destinations']:,} / {r['undelivered']}"),
+        ("broker dropped", str(r["broker_dropped"])),
+    ]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--devices", type=int, default=1000)
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--rate-scale", type=float, default=1.0, help="multiply every family's result rate")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--fleet-child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--site", default="AMS-T1", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.fleet_child:
+        _fleet_main(args.fleet_child, args.devices, args.seconds, args.rate_scale, args.seed, args.site, args.out)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="edgeward-honest-fp-") as tmp:
+        log(f"honest FP: {args.devices} honest devices for {args.minutes:g} min against the real gateway")
+        r = asyncio.run(_run(args, Path(tmp)))
+    if args.json:
+        print(json.dumps(r, indent=1))
+    else:
+        print(_table(r))
+    return 0 if r["false_positives"] == 0 and not r["isolated"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
