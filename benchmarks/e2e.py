@@ -275,25 +275,38 @@ def drain_destinations(port: int, state: Path, expected: int, idle: float = 2.0)
     return asyncio.run(go())
 
 
+class AuditTally:
+    """What audit logs say: each (device, seq) decided, rejection reasons, and the deliveries the
+    policy allowed (MQTT: (destination, device, seq); vault: (device, seq)). Several logs (workers)
+    add up."""
+
+    def __init__(self, policy: Any) -> None:
+        self.transport = {name: d.transport for name, d in policy.destinations.items()}
+        self.decided: Counter[tuple[str, int]] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.expected_mqtt: set[tuple[str, str, int]] = set()
+        self.expected_vault: set[tuple[str, int]] = set()
+
+    def add(self, audit_dir: Path) -> AuditTally:
+        for rec in iter_records(audit_dir):
+            if "routes" in rec:
+                key = (rec["dev"], rec["seq"])
+                self.decided[key] += 1
+                for r in rec["routes"]:
+                    if r["allow"]:
+                        if self.transport[r["dst"]] == "vault":
+                            self.expected_vault.add(key)
+                        else:
+                            self.expected_mqtt.add((r["dst"], *key))
+            elif "reason" in rec:
+                self.rejected[rec["reason"]] += 1
+        return self
+
+
 def reconcile(policy: Any, published: list[tuple[str, int]], state: Path, rx: DestinationReceiver) -> dict[str, Any]:
     """Published vs the audit log vs what each destination received (see the module docstring)."""
-    transport = {name: d.transport for name, d in policy.destinations.items()}
-    decided: Counter[tuple[str, int]] = Counter()
-    rejected: Counter[str] = Counter()
-    expected_mqtt: set[tuple[str, str, int]] = set()
-    expected_vault: set[tuple[str, int]] = set()
-    for rec in iter_records(state / "audit"):
-        if "routes" in rec:
-            key = (rec["dev"], rec["seq"])
-            decided[key] += 1
-            for r in rec["routes"]:
-                if r["allow"]:
-                    if transport[r["dst"]] == "vault":
-                        expected_vault.add(key)
-                    else:
-                        expected_mqtt.add((r["dst"], *key))
-        elif "reason" in rec:
-            rejected[rec["reason"]] += 1
+    t = AuditTally(policy).add(state / "audit")
+    decided, rejected, expected_mqtt, expected_vault = t.decided, t.rejected, t.expected_mqtt, t.expected_vault
     pub = set(published)
     vault: Counter[tuple[str, int]] = Counter()
     for env in read_vault(state / "vault"):
@@ -439,7 +452,6 @@ def latency_phase(msgs: list[tuple[str, bytes]], rate: float, policy: Any) -> di
                 gw.wait("ready")
                 dst.wait("ready")
                 sent2, _ = pace(broker.port)
-                last, t_last = -1, time.monotonic()
                 time.sleep(1.0)
                 gw.stop()
                 final = gw.wait("final", 60)

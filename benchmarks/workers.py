@@ -42,9 +42,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import log, print_table, proc_cpu_seconds
-from e2e import DEST_ID, MessageMaker, key_of, prime, run_pub, start_broker
+from e2e import DEST_ID, AuditTally, MessageMaker, key_of, prime, run_pub, start_broker
 
-from gateway.audit.chain import iter_records
 from gateway.crypto.keys import DataKeyring, load_or_create_kek
 from gateway.policy import load_policy
 from gateway.runtime.receiver import DestinationReceiver
@@ -182,28 +181,13 @@ def run_row(n_workers: int, msgs: list[tuple[str, bytes]], policy: Any) -> dict[
 
 
 def reconcile(policy: Any, published: list[tuple[str, int]], dirs: list[Path], port: int) -> dict[str, Any]:
-    transport = {name: d.transport for name, d in policy.destinations.items()}
-    decided: Counter[tuple[str, int]] = Counter()
-    rejected: Counter[str] = Counter()
-    expected_mqtt: set[tuple[str, str, int]] = set()
-    expected_vault: set[tuple[str, int]] = set()
+    tally = AuditTally(policy)
     vault: Counter[tuple[str, int]] = Counter()
     keys = _Keys(dirs)
     from gateway.crypto.envelope import open_envelope
 
     for d in dirs:
-        for rec in iter_records(d / "audit"):
-            if "routes" in rec:
-                key = (rec["dev"], rec["seq"])
-                decided[key] += 1
-                for r in rec["routes"]:
-                    if r["allow"]:
-                        if transport[r["dst"]] == "vault":
-                            expected_vault.add(key)
-                        else:
-                            expected_mqtt.add((r["dst"], *key))
-            elif "reason" in rec:
-                rejected[rec["reason"]] += 1
+        tally.add(d / "audit")
         for env in read_vault(d / "vault"):
             header, _ = open_envelope(keys, env)
             vault[(header.device, header.seq)] += 1
@@ -222,6 +206,8 @@ def reconcile(policy: Any, published: list[tuple[str, int]], dirs: list[Path], p
         await rx.stop()
         return rx
 
+    decided, rejected = tally.decided, tally.rejected
+    expected_mqtt, expected_vault = tally.expected_mqtt, tally.expected_vault
     rx = asyncio.run(drain())
     got_mqtt = {(d, dev, seq) for d, dev, _stream, seq in rx._seen}  # the harness reads the tally
     refused = sum(rejected.values()) - rejected.get("dedupe.duplicate", 0)
