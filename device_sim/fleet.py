@@ -61,6 +61,15 @@ class _Device:
         self.outbox: deque[tuple[str, int, float]] = deque()
 
 
+def check_fleet_args(specs: Sequence[DeviceSpec], rate_scale: float, health_interval_s: float) -> None:
+    """What every fleet (this one and device_sim.lean's) refuses up front."""
+    if rate_scale <= 0 or health_interval_s <= 0:
+        raise ConfigError("rate_scale and health_interval_s must be positive")
+    ids = [s.device_id for s in specs]
+    if len(set(ids)) != len(ids):
+        raise ConfigError("device ids must be unique (each is an MQTT client id)")
+
+
 class Fleet:
     """A fleet of simulated devices publishing to one broker.
 
@@ -97,11 +106,7 @@ class Fleet:
         usernames: bool = False,
         probe_dead_drops: bool = True,
     ) -> None:
-        if rate_scale <= 0 or health_interval_s <= 0:
-            raise ConfigError("rate_scale and health_interval_s must be positive")
-        ids = [s.device_id for s in specs]
-        if len(set(ids)) != len(ids):
-            raise ConfigError("device ids must be unique (each is an MQTT client id)")
+        check_fleet_args(specs, rate_scale, health_interval_s)
         profiles = profiles or {}
         self._devices = [
             _Device(s, PayloadFactory(s, seed), profiles.get(s.device_id, HONEST)) for s in specs

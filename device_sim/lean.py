@@ -39,6 +39,7 @@ from typing import Any
 import mqtt5
 
 from device_sim.devices import DeviceSpec, PayloadFactory, encode
+from device_sim.fleet import check_fleet_args
 from device_sim.truth import FailedRecord, GroundTruth, SentRecord
 from gateway.catalog import HEALTH_STREAM, RESULT_STREAM
 from gateway.errors import ConfigError
@@ -209,11 +210,7 @@ class LeanFleet:
         sample_every_s: float = 0.5,
         connect_first_s: float = 0.0,
     ) -> None:
-        if rate_scale <= 0 or health_interval_s <= 0:
-            raise ConfigError("rate_scale and health_interval_s must be positive")
-        ids = [s.device_id for s in specs]
-        if len(set(ids)) != len(ids):
-            raise ConfigError("device ids must be unique (each is an MQTT client id)")
+        check_fleet_args(specs, rate_scale, health_interval_s)
         self._devices = [_Device(self, s, PayloadFactory(s, seed)) for s in specs]
         self.host, self.port = host, port
         self.rate_scale = rate_scale

@@ -252,12 +252,12 @@ class Gateway:
             client_id=config.client_id + "-uplink",
             username=config.username,
             password=config.password,
+            on_ack=lambda pid: self._on_uplink_ack(self._default_link, pid),
         )
         # ingest pid -> [outstanding destination acknowledgements, t0]
         self._pending: dict[int, list[float]] = {}
         self._kek = kek
         self._default_link = _Link("default", self.uplink)
-        self.uplink._on_ack = lambda pid: self._on_uplink_ack(self._default_link, pid)
         self._links: dict[tuple[str, int] | None, _Link] = {None: self._default_link}
         self.outboxes: dict[str, _Outbox] = {}
         self._pause_reasons: set[str] = set()
@@ -763,9 +763,9 @@ class Gateway:
             assert endpoint is not None
             host, port = endpoint
             client = MqttClient(host=host, port=port, client_id=f"{self.config.client_id}-uplink-{name}",
-                                username=self.config.username, password=self.config.password)
+                                username=self.config.username, password=self.config.password,
+                                on_ack=lambda pid, ep=endpoint: self._on_uplink_ack(self._links[ep], pid))
             link = self._links[endpoint] = _Link(f"{host}:{port}", client)
-            client._on_ack = lambda pid, link=link: self._on_uplink_ack(link, pid)
             if self._loop is not None:  # added by a policy reload while serving
                 link.task = asyncio.ensure_future(self._keep_connected(link, None))
         spool = None
