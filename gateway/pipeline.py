@@ -111,6 +111,10 @@ class Pipeline:
         self.blocked: frozenset[str] | set[str] = frozenset()
         self._device_cache: dict[str, Any] = {}
         self._cache_for: PolicyLike | None = None
+        # The header timestamp a destination gets (ms), when the runtime re-times its uplink: the
+        # release boundary the gateway chose, never the device's own clock (which would carry the
+        # send time, and arbitrary low digits, to the destination). None: the device's `ts`.
+        self.header_ts: Callable[[str], int | None] | None = None
 
     def _device(self, policy: PolicyLike, device: str) -> Any:
         """Registry lookup, memoised per policy object (patterns are matched once per device)."""
@@ -189,6 +193,7 @@ class Pipeline:
         out.facts = facts
         destinations = policy.destinations
         recipients = self.recipients
+        header_ts = self.header_ts
         revision = decision.revision
         for route in decision.routes:
             if not route.allow:
@@ -199,7 +204,8 @@ class Pipeline:
                 if name in projected:
                     projected[name] = _quantise(projected[name], step)
             dest = destinations[route.destination]
-            header = pack_header(device, stream, seq, ts, route.destination, revision)
+            hts = header_ts(route.destination) if header_ts is not None else None
+            header = pack_header(device, stream, seq, ts if hts is None else hts, route.destination, revision)
             sealer = recipients.get(route.destination)
             if sealer is None:
                 envelope = seal_packed(self.keyring, header, pack_canonical(projected))

@@ -80,7 +80,7 @@ _DEST_KEYS = frozenset(
 )
 _SPOOL_KEYS = frozenset({"max_mb", "when_full"})
 SPOOL_WHEN_FULL = ("refuse_new", "drop_oldest")
-DEFAULT_RETIME_MS = 1000  # uplinks are released in fixed batches unless a destination says otherwise
+DEFAULT_RETIME_MS = 5000  # uplinks leave in gateway-timed batches (mean 5 s, jittered) unless a destination says otherwise
 DEFAULT_SPOOL_MB = 256.0
 _OBL_KEYS = frozenset({"id", "when", "remove", "quantize", "drop", "description"})
 _SELECT_KEYS = frozenset({"fields", "classes"})

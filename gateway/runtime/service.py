@@ -8,9 +8,10 @@ is unreachable) it was dropped with a reason in the audit log. Until then the br
 message in the gateway's persistent session, so a restart redelivers it and (device, sequence)
 dedupe keeps each destination from seeing it twice.
 
-Uplinks: each MQTT destination has an outbox. Envelopes are released in fixed batches every
-``retime_ms`` (wall-clock aligned), so the timing of a device's messages never reaches a
-destination. A destination whose connection stays down longer than ``uplink_down_after_s`` is
+Uplinks: each MQTT destination has an outbox. Envelopes are released in batches whose boundaries
+the gateway draws (each lasts U(0.5, 1.5) x ``retime_ms``), and the header timestamp a re-timed
+destination gets is that boundary, not the device's clock, so the timing of a device's messages
+does not reach a destination (beyond which batch a message fell in). A destination whose connection stays down longer than ``uplink_down_after_s`` is
 declared down: its unacknowledged envelopes move to its spool (``rest_at_edge``) or are dropped with
 ``uplink.unreachable``; when it returns, the spool drains in order at ``spool_drain_rate`` before
 anything new is sent directly.
@@ -49,6 +50,8 @@ from gateway.runtime.donelog import DoneLog
 from gateway.runtime.mqtt import Message, MqttClient
 from gateway.runtime.spool import Spool, SpoolFull
 from gateway.vault import VaultWriter
+
+_RNG = random.SystemRandom()  # batch boundaries: not predictable from anything a device sees
 
 __all__ = ["GatewayConfig", "GatewayStats", "Gateway", "SYS_DROPPED"]
 
@@ -101,6 +104,9 @@ class GatewayConfig:
     # the default uplink. `retime` False ignores the policy's retime_ms (latency benchmarks only).
     uplinks: dict[str, tuple[str, int]] = field(default_factory=dict)
     retime: bool = True
+    # Each re-timing batch lasts U(1 - j, 1 + j) x retime_ms, drawn by the gateway: boundaries that
+    # cannot phase-lock with a device's own fixed schedule (docs/hostile-firmware.md, the sweep).
+    retime_jitter: float = 0.5
     uplink_down_after_s: float = 5.0  # a connection away this long: the destination is down
     spool_drain_rate: float = 2_000.0  # envelopes/s per destination when a spool drains
 
@@ -238,6 +244,7 @@ class Gateway:
             rate = RateBaseline(headroom=config.rate_headroom)
         self.pipeline = Pipeline(policy, self.keyring, clock_ms=lambda: int(clock() * 1000), recipients=recipients,
                                  dedupe=dedupe, rate=rate, enforce_rate=rate is not None)
+        self.pipeline.header_ts = self._header_ts
         self.ingest = MqttClient(
             host=config.host,
             port=config.port,
@@ -776,6 +783,8 @@ class Gateway:
                 self.audit_event({"event": "spool.opened", "dst": name, "backlog": spool.backlog})
         retime_s = d.retime_ms / 1000.0 if self.config.retime else 0.0
         ob = self.outboxes[name] = _Outbox(name, link, retime_s, spool, d.spool_when_full)
+        if retime_s:
+            ob.next_release = self._next_boundary(ob, self._clock())
         return ob
 
     def _spool_key(self, name: str) -> bytes:
@@ -926,16 +935,15 @@ class Gateway:
         for link in self._links.values():
             self._watch_link(link, now)
         for ob in self.outboxes.values():
-            if ob.retime_s and ob.queue and now_wall >= ob.next_release:
-                # Wall-clock aligned: every destination sees releases at k * retime_s, whatever the
-                # devices' timing was.
-                ob.next_release = (now_wall // ob.retime_s + 1) * ob.retime_s
-                batch, ob.queue = ob.queue, []
-                for topic, envelope, ref in batch:
-                    if not self._send(ob, topic, envelope, ref):
-                        settled.append(ref)
-            elif ob.retime_s and not ob.queue:
-                ob.next_release = (now_wall // ob.retime_s + 1) * ob.retime_s
+            if ob.retime_s and now_wall >= ob.next_release:
+                # Released only at the gateway's own boundaries, drawn whatever the devices do: the
+                # destination sees batches, and the header says the boundary, not the device's ts.
+                if ob.queue:
+                    batch, ob.queue = ob.queue, []
+                    for topic, envelope, ref in batch:
+                        if not self._send(ob, topic, envelope, ref):
+                            settled.append(ref)
+                ob.next_release = self._next_boundary(ob, now_wall)
             if ob.spool is not None and ob.spool.backlog:
                 self._drain(ob, tick)
         if any(ob.overflow for ob in self.outboxes.values()) and self._disk_full is None:
@@ -945,6 +953,28 @@ class Gateway:
                 self._settle(ref)
         for link in self._links.values():
             link.client.flush()
+
+    def _next_boundary(self, ob: _Outbox, now_wall: float) -> float:
+        j = min(max(self.config.retime_jitter, 0.0), 0.9)
+        period = ob.retime_s * (_RNG.uniform(1.0 - j, 1.0 + j) if j else 1.0)
+        if not j:  # fixed batches stay wall-clock aligned
+            return (now_wall // ob.retime_s + 1) * ob.retime_s
+        nxt = ob.next_release + period
+        return nxt if nxt > now_wall else now_wall + period
+
+    def _header_ts(self, destination: str) -> int | None:
+        """The timestamp sealed into a re-timed destination's header: the boundary its batch will be
+        released at (ms). None for destinations sent at once (or the vault): the device's own ts."""
+        ob = self.outboxes.get(destination)
+        if ob is None:
+            d = self.pipeline.policy.destinations.get(destination)
+            if d is None or d.transport != "mqtt":
+                return None
+            ob = self._outbox(destination)
+        if not ob.retime_s:
+            return None
+        nr = ob.next_release
+        return int((nr if nr > 0 else self._clock()) * 1000)
 
     def _drain(self, ob: _Outbox, tick: float) -> None:
         link = ob.link

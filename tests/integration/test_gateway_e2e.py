@@ -146,6 +146,15 @@ async def test_fleet_end_to_end_accounted_projected_encrypted_audited(broker: Mo
                 assert (dest, t.device_id, t.seq) not in got
     assert len(got) == sum(n for d, n in gw.stats.forwarded.items() if d != "local_vault")
 
+    # re-timed uplinks: a header carries the boundary its batch left at, drawn by the gateway, never
+    # the device's millisecond clock; so whole batches share one timestamp, later than every send
+    sent_ms = {(t.device_id, t.seq): t.t_sent * 1000 for t in truth.sent_records}
+    for m in rx.messages:
+        assert m.header.ts >= sent_ms[(m.header.device, m.header.seq)] - 5
+    for dest in ("customs_nl", "eu_hub", "vendor_maintenance"):
+        stamps = Counter(m.header.ts for m in rx.messages if m.header.destination == dest)
+        assert stamps and len(stamps) <= 8 and max(stamps.values()) >= 5, (dest, stamps)
+
     # the vendor only ever sees health telemetry, never the serial number
     vendor = [m for m in rx.messages if m.header.destination == "vendor_maintenance"]
     assert vendor, "the vendor with a contract should receive health telemetry"

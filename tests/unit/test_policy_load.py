@@ -198,7 +198,7 @@ def test_delivery_settings_defaults_and_values() -> None:
          spool: {max_mb: 8, when_full: drop_oldest}}
 """
     p = compile_policy(text, source="p.yaml")
-    assert (p.destinations["local_vault"].retime_ms, p.destinations["hub"].retime_ms) == (0, 1000)
+    assert (p.destinations["local_vault"].retime_ms, p.destinations["hub"].retime_ms) == (0, 5000)
     hub, fast = p.destinations["hub"], p.destinations["fast"]
     assert (hub.spool_max_mb, hub.spool_when_full) == (256.0, "refuse_new")
     assert (fast.retime_ms, fast.spool_max_mb, fast.spool_when_full) == (0, 8.0, "drop_oldest")
