@@ -72,6 +72,7 @@ __all__ = [
     "leak_report",
     "load_run",
     "lowbits_in",
+    "measure_run",
     "save_run",
     "timing_batch_sweep",
     "timing_channels",
@@ -561,6 +562,24 @@ def save_run(directory: str | Path, truth: GroundTruth, received: Iterable[Any],
     with _private_writer(d / RUN_FILES["meta"]) as f:
         json.dump(meta or {}, f, indent=1)
     return d
+
+
+def measure_run(truth: GroundTruth, received: Iterable[Any], vault: Iterable[tuple[Any, dict[str, Any]]] = (),
+                audit_records: Iterable[dict[str, Any]] = (), *, save_dir: str | Path | None = None,
+                meta: dict[str, Any] | None = None, permutations: int = PERMUTATIONS) -> list[TechniqueRow]:
+    """The leak report of a run that just ended: ``received`` are the destinations' ``Received``
+    envelopes (with arrival times and header timestamps, so the timing channel is decoded, not
+    assumed), ``vault`` the on-site vault's ``(header, fields)``. With ``save_dir`` the run is also
+    saved for ``edgeward report``."""
+    received, vault, audit_records = list(received), list(vault), list(audit_records)
+    got = Delivered()
+    for r in received:
+        got.add_received(r)
+    for h, fields in vault:
+        got.add(h.destination, h.device, h.stream, h.seq, fields, "")  # on site: no clock leaves it
+    if save_dir is not None:
+        save_run(save_dir, truth, received, vault, audit_records, meta)
+    return leak_report(truth, got, audit_records, permutations=permutations)
 
 
 def load_run(directory: str | Path) -> tuple[GroundTruth, Delivered, list[dict[str, Any]], dict[str, Any]]:

@@ -20,10 +20,11 @@ import asyncio
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import EdgewardError
+from gateway.errors import CryptoError, EdgewardError
 
 __all__ = ["main"]
 
@@ -57,7 +58,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         bad_inputs=not args.no_bad_inputs,
         progress=not args.json and sys.stderr.isatty() or args.progress,
         scenario=args.scenario,
+        save_dir=Path(args.save) if args.save else None,
     )
+    if args.save and not args.scenario:
+        raise EdgewardError("--save keeps a scenario's run for edgeward report: give --scenario too")
     report = _run(run_demo(opts, load_policy=_load_policy))
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=False))
@@ -170,28 +174,139 @@ def _run_workers(args: argparse.Namespace, site: Any, policy: Any, log: Any) -> 
 def _cmd_sim(args: argparse.Namespace) -> int:
     from device_sim import Fleet, make_fleet
 
-    doc = json.loads((Path(args.site_dir) / "site.json").read_text())
+    root = Path(args.site_dir)
+    doc = json.loads((root / "site.json").read_text())
     port = args.port or int(doc["ports"]["devices"])
-    if not port:
-        raise EdgewardError("the site's device port is chosen at start (0); pass --port")
-    specs = make_fleet(args.devices, site=doc["site"], seed=args.seed)
+    if not port:  # chosen at start: the running broker says where
+        from gateway.runtime.isolation import read_runtime_info
+
+        info = read_runtime_info(root)
+        if info is None:
+            raise EdgewardError(f"the site's device port is chosen at start (0) and no broker runs for {root}; "
+                                f"start edgeward run {root} or pass --port")
+        port = int(info["device_port"])
+    profiles: dict[str, Any] = {}
+    if args.scenario:
+        from device_sim.scenario import load_scenario
+
+        scenario = load_scenario(args.scenario)
+        specs = scenario.fleet()
+        profiles = scenario.profiles_for(specs)
+        print(f"scenario {scenario.name}: {len(specs)} devices, {len(profiles)} with hostile firmware",
+              file=sys.stderr)
+    else:
+        specs = make_fleet(args.devices, site=doc["site"], seed=args.seed)
     missing = [s.device_id for s in specs if s.device_id not in doc["devices"]]
     if missing:
-        raise EdgewardError(f"{len(missing)} simulated devices have no certificate at this site (e.g. {missing[0]})")
+        raise EdgewardError(f"{len(missing)} simulated devices have no certificate at this site (e.g. {missing[0]}); "
+                            f"register them with edgeward init --device-id")
     from gateway.crypto.pki import ssl_context_for_device
 
-    root = Path(args.site_dir)
     fleet = Fleet(specs, port=port, seed=args.seed, rate_scale=args.rate_scale,
-                  tls=lambda spec: ssl_context_for_device(root, spec.device_id),
+                  tls=lambda spec: ssl_context_for_device(root, spec.device_id), profiles=profiles,
                   on_progress=lambda n: print(f"\r  sent {n}", end="", file=sys.stderr, flush=True))
-    truth = asyncio.run(fleet.run(args.seconds))
+    measure = bool(args.scenario or args.save)
+    truth, techniques = asyncio.run(_sim_run(root, fleet, args, measure))
     print("", file=sys.stderr)
-    summary = {"devices": len(specs), "sent": truth.sent, "failed": len(truth.failed),
-               "bytes": truth.bytes_sent, "by_type": dict(truth.by_type)}
-    print(json.dumps(summary) if args.json else
-          f"sent {truth.sent} messages ({truth.bytes_sent / 1e6:.1f} MB) from {len(specs)} devices; "
-          f"{len(truth.failed)} failed")
+    summary: dict[str, Any] = {"devices": len(specs), "sent": truth.sent, "failed": len(truth.failed),
+                               "bytes": truth.bytes_sent, "by_type": dict(truth.by_type)}
+    if techniques is not None:
+        summary["techniques"] = techniques
+        if args.save:
+            summary["saved_run"] = args.save
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"sent {truth.sent} messages ({truth.bytes_sent / 1e6:.1f} MB) from {len(specs)} devices; "
+              f"{len(truth.failed)} failed")
+        if techniques is not None:
+            from device_sim.report_cli import format_table
+
+            print(format_table(techniques))
+            if args.save:
+                print(f"run saved to {args.save} (holds the planted secrets: 0600); edgeward report {args.save}")
+    leaked = sum(r["leaked"] for r in (techniques or {}).values())
+    if args.scenario:  # a hostile run fails on leaks; refused attempts are the point of the exercise
+        return 0 if leaked == 0 else 1
     return 0 if not truth.failed else 1
+
+
+async def _sim_run(root: Path, fleet: Any, args: argparse.Namespace, measure: bool) -> tuple[Any, Any]:
+    """Run the fleet; with ``measure``, watch what the destinations receive (as the site's operator,
+    on the gateway's listener) and report each technique's leaks from it, the vault and the audit log."""
+    if not measure:
+        return await fleet.run(args.seconds), None
+    from gateway.crypto.recipient import RecipientOpener, load_private_key
+    from gateway.runtime.demo import techniques_report
+    from gateway.runtime.isolation import read_runtime_info
+    from gateway.runtime.receiver import DestinationReceiver
+    from gateway.runtime.site_runner import OPERATOR_USER
+    from gateway.runtime.workers import read_workers_file
+
+    if read_workers_file(root) is not None:
+        raise EdgewardError("measuring a scenario needs a single-gateway site (edgeward run without --workers)")
+    info = read_runtime_info(root)
+    secret = root / "broker" / "operator.secret"
+    if info is None or not secret.exists():
+        raise EdgewardError(f"no running site at {root}: start it with edgeward run {root}")
+    from gateway.crypto.keys import read_secret_file
+
+    site = _open_site(str(root))
+    ring = _ReloadingKeyring(site.keyring_path, site.kek)
+    openers = {}
+    for item in args.open or []:
+        dest, _, path = item.partition("=")
+        openers[dest] = RecipientOpener(load_private_key(Path(path)))
+    rx = DestinationReceiver("127.0.0.1", int(info["gateway_port"]), ring, client_id="edgeward-sim-observer",
+                             username=OPERATOR_USER, password=read_secret_file(secret).strip(), keep=True,
+                             openers=openers)
+    await rx.start()
+    try:
+        truth = await fleet.run(args.seconds)
+        # Re-timed uplinks release in batches of up to 1.5 x retime_ms: wait until nothing new
+        # arrives for longer than the longest batch, at most --settle seconds.
+        quiet, last, deadline = 0.0, -1, time.monotonic() + args.settle
+        policy = _load_policy(site.policy_dir)
+        longest = max((d.retime_ms for d in policy.destinations.values()), default=0) * 1.5 / 1000 + 1.0
+        while time.monotonic() < deadline and quiet < longest:
+            await asyncio.sleep(0.25)
+            quiet = quiet + 0.25 if rx.total == last else 0.0
+            last = rx.total
+    finally:
+        await rx.stop()
+    closed = sorted(d for d in _recipients(root) if d not in openers)
+    if closed:
+        print(f"note: {', '.join(closed)} receive(s) data sealed to their own key; without --open DEST=KEY "
+              f"those envelopes cannot be searched and are counted undecryptable ({rx.undecryptable})",
+              file=sys.stderr)
+    techniques = techniques_report(truth, rx.messages, ring, root, save_dir=Path(args.save) if args.save else None,
+                                   meta={"scenario": args.scenario, "seconds": args.seconds, "site": str(root)})
+    return truth, techniques
+
+
+def _recipients(root: Path) -> set[str]:
+    doc = json.loads((root / "site.json").read_text())
+    return set(doc.get("recipients", {}))
+
+
+class _ReloadingKeyring:
+    """The site's data keys for a reader beside a running gateway: a key the gateway created after
+    this process loaded the file is picked up by reading the file again."""
+
+    def __init__(self, path: Path, kek: bytes) -> None:
+        from gateway.crypto.keys import DataKeyring
+
+        self._path, self._kek = path, kek
+        self._ring = DataKeyring(path, kek)
+
+    def get(self, kid: str) -> Any:
+        from gateway.crypto.keys import DataKeyring
+
+        try:
+            return self._ring.get(kid)
+        except CryptoError:
+            self._ring = DataKeyring(self._path, self._kek)
+            return self._ring.get(kid)
 
 
 def _read_status(root: Path) -> dict[str, Any] | None:
@@ -433,6 +548,8 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-bad-inputs", action="store_true", help="do not inject the five kinds of bad input")
     d.add_argument("--scenario", help="run a device_sim scenario (name or YAML file), e.g. all-techniques; "
                                       "the report then measures each hostile technique's leaks")
+    d.add_argument("--save", metavar="DIR", help="with --scenario: save the run for edgeward report DIR "
+                                                 "(ground truth with the planted secrets: 0600)")
     d.add_argument("--progress", action="store_true", help="show the live line even when not on a terminal")
     d.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     d.set_defaults(func=_cmd_demo)
@@ -467,8 +584,20 @@ def _build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--rate-scale", type=float, default=1.0)
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--port", type=int, default=0, help="the devices' listener (default: from site.json)")
+    sm.add_argument("--scenario", help="a device_sim scenario (name or YAML file) with hostile firmware; the run "
+                                       "ends with each technique's leak report (exit 1 if anything leaked)")
+    sm.add_argument("--save", metavar="DIR", help="save the run (ground truth with its secrets, what the "
+                                                  "destinations received) for edgeward report DIR")
+    sm.add_argument("--open", action="append", metavar="DEST=KEYFILE",
+                    help="a destination's X25519 private key (PEM), to search what was sealed to it (repeatable)")
+    sm.add_argument("--settle", type=float, default=60.0,
+                    help="after the fleet, wait at most this long for re-timed batches to arrive (default 60)")
     sm.add_argument("--json", action="store_true")
     sm.set_defaults(func=_cmd_sim)
+
+    from device_sim.report_cli import add_parsers as add_report_parsers
+
+    add_report_parsers(sub)
 
     stp = sub.add_parser("status", help="a running site's gateway: connections, destinations, backlog")
     stp.add_argument("site_dir")

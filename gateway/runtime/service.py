@@ -51,7 +51,17 @@ from gateway.runtime.mqtt import Message, MqttClient
 from gateway.runtime.spool import Spool, SpoolFull
 from gateway.vault import VaultWriter
 
-_RNG = random.SystemRandom()  # batch boundaries: not predictable from anything a device sees
+def _since_last_audit_write(directory: Path, now: float) -> float:
+    """Seconds since the newest audit file was written (0.0 for a new gateway)."""
+    try:
+        newest = max((p.stat().st_mtime for p in directory.glob("audit-*.jsonl")), default=None)
+    except OSError:
+        return 0.0
+    return max(0.0, now - newest) if newest is not None else 0.0
+
+
+_RNG = random.SystemRandom()
+DISK_FULL_REMIND_S = 60.0  # a disk that stays full is alerted again this often (not on every retry)  # batch boundaries: not predictable from anything a device sees
 
 __all__ = ["GatewayConfig", "GatewayStats", "Gateway", "SYS_DROPPED"]
 
@@ -212,6 +222,7 @@ class Gateway:
             max_age_s=config.key_max_age_s,
             clock=clock,
         )
+        downtime = _since_last_audit_write(state / "audit", clock())  # before opening cuts a torn tail
         self.audit = AuditLog(state / "audit")
         self.checkpointer: Checkpointer | None = None
         self._record: Callable[[dict[str, Any]], str] = self.audit.append
@@ -245,6 +256,12 @@ class Gateway:
         self.pipeline = Pipeline(policy, self.keyring, clock_ms=lambda: int(clock() * 1000), recipients=recipients,
                                  dedupe=dedupe, rate=rate, enforce_rate=rate is not None)
         self.pipeline.header_ts = self._header_ts
+        # A restart after downtime: the broker holds the fleet's backlog for this session and delivers
+        # it at once. Every device may send that long's traffic once without tripping its rate
+        # baseline (the gateway caused the burst, not the device). The audit log's last write tells
+        # when the previous life stopped reading.
+        if downtime and self.pipeline.rate is not None and hasattr(self.pipeline.rate, "catch_up"):
+            self.pipeline.rate.catch_up(downtime, clock())
         self.ingest = MqttClient(
             host=config.host,
             port=config.port,
@@ -269,6 +286,7 @@ class Gateway:
         self.outboxes: dict[str, _Outbox] = {}
         self._pause_reasons: set[str] = set()
         self._disk_full: str | None = None
+        self._disk_full_episode: list[float] | None = None  # [started, last alerted, failed retries]
         self._held_acks: list[int] = []
         self._last_kind_alert: dict[str, float] = {}
         self._generation = 0
@@ -872,13 +890,26 @@ class Gateway:
             self.alert(kind, detail)
 
     def _enter_disk_full(self, why: str) -> None:
-        """Stop taking messages (the broker holds them for the session); retried every second."""
-        if self._disk_full is None:
-            self._disk_full = why
+        """Stop taking messages (the broker holds them for the session); retried every second. One
+        ``disk_full`` alert per episode, repeated once a minute while it lasts, not once per retry."""
+        if self._disk_full is not None:
+            return
+        self._disk_full = why
+        now = time.monotonic()
+        episode = self._disk_full_episode
+        if episode is None:
+            self._disk_full_episode = [now, now, 0]  # started, last alerted, failed retries
             self.stats.disk_full_events += 1
             self._pause("disk_full")
             with contextlib.suppress(StorageFull, EdgewardError, OSError):
                 self.alert("disk_full", {"detail": why})
+            return
+        episode[2] += 1  # a retry that failed: same episode
+        if now - episode[1] >= DISK_FULL_REMIND_S:
+            episode[1] = now
+            with contextlib.suppress(StorageFull, EdgewardError, OSError):
+                self.alert("disk_full", {"detail": why, "still": True, "for_s": round(now - episode[0], 1),
+                                         "retries": episode[2]})
 
     def _retry_after_disk_full(self) -> None:
         self._disk_full = None  # so the flushes below may raise again
@@ -891,7 +922,9 @@ class Gateway:
         self.stats.acked += len(held)
         self.ingest.flush()
         self._unpause("disk_full")
-        self.alert("disk_ok", {"acknowledged": len(held)})
+        episode, self._disk_full_episode = self._disk_full_episode, None
+        paused = round(time.monotonic() - episode[0], 1) if episode else 0.0
+        self.alert("disk_ok", {"acknowledged": len(held), "paused_s": paused, "retries": episode[2] if episode else 0})
 
     def _retry_overflow(self) -> None:
         for ob in self.outboxes.values():

@@ -15,8 +15,10 @@ import secrets
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from gateway.crypto.keys import write_secret_file
 from gateway.crypto.pki import GATEWAY_CN
 from gateway.crypto.recipient import load_public_key
 from gateway.runtime.broker import MosquittoBroker
@@ -25,7 +27,7 @@ from gateway.runtime.mqtt import Message, MqttClient
 from gateway.runtime.service import Gateway, GatewayConfig
 from gateway.site import Site, mosquitto_password_line
 
-__all__ = ["OPERATOR_USER", "SiteRuntime", "recipient_keys", "render_site_acl", "start_site_broker"]
+__all__ = ["OPERATOR_USER", "SiteRuntime", "operator_secret_path", "recipient_keys", "render_site_acl", "start_site_broker"]
 
 OPERATOR_USER = "edgeward-operator"
 
@@ -51,6 +53,10 @@ def render_site_acl(policy: Any) -> str:
     )
 
 
+def operator_secret_path(site: Site) -> Path:
+    return site.broker_dir / "operator.secret"
+
+
 def start_broker_process(site: Site, policy: Any, operator_password: bytes) -> MosquittoBroker:
     """The site's Mosquitto: rendered ACL (policy + runtime needs), the operator's in-memory password,
     started; ``broker/runtime.json`` names it for ``edgeward status`` and ``devices isolate``."""
@@ -59,8 +65,11 @@ def start_broker_process(site: Site, policy: Any, operator_password: bytes) -> M
     acl.write_text(render_site_acl(policy))
     config = site.broker_config(acl_file=acl)
     assert config.password_file is not None
-    with open(config.password_file, "a") as f:  # the operator's password exists only in memory here
+    with open(config.password_file, "a") as f:  # the operator's password: drawn for this run only
         f.write(mosquitto_password_line(OPERATOR_USER, operator_password.decode()))
+    # For the operator's own tools on this host while the broker runs (`edgeward sim --scenario` reads
+    # what the destinations got to measure leaks): 0600 beside the gateway's secret, gone at stop.
+    write_secret_file(operator_secret_path(site), operator_password)
     broker = MosquittoBroker(config)
     broker.start()
     assert broker.proc is not None and broker.config.tls is not None
@@ -215,4 +224,5 @@ class SiteRuntime:
             if self.broker is not None:
                 self.broker.stop()
                 (self.site.broker_dir / "runtime.json").unlink(missing_ok=True)
+                operator_secret_path(self.site).unlink(missing_ok=True)
 

@@ -392,6 +392,7 @@ class SiteWorkers:
             if self.broker is not None:
                 self.broker.stop()
                 (self.site.broker_dir / "runtime.json").unlink(missing_ok=True)
+                (self.site.broker_dir / "operator.secret").unlink(missing_ok=True)
             (self.site.root / WORKERS_FILE).unlink(missing_ok=True)
             if self.state is not None:
                 self.state.close()

@@ -236,4 +236,8 @@ async def test_disk_full_stops_intake_alerts_and_resumes(broker: MosquittoBroker
     assert len(decided) == len(set(decided)) == truth.sent  # each message decided exactly once
     kinds = [r.get("kind") for r in records if r.get("event") == "alert"]
     assert "disk_full" in kinds and "disk_ok" in kinds
+    # one alert for the episode, not one per failed retry (the disk stayed full for seconds)
+    assert kinds.count("disk_full") == 1 and gw.stats.disk_full_events == 1
+    ok = next(r for r in records if r.get("event") == "alert" and r.get("kind") == "disk_ok")
+    assert ok.get("retries", 0) >= 1, ok
     assert verify_chain(cfg.state_dir / "audit").ok
