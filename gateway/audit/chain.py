@@ -27,7 +27,7 @@ from json.encoder import encode_basestring
 from gateway.errors import AuditError, StorageFull
 from gateway.fileio import append_all, open_append
 
-__all__ = ["AuditLog", "VerifyResult", "verify_chain", "iter_records", "GENESIS"]
+__all__ = ["AuditLog", "VerifyResult", "verify_chain", "iter_records", "GENESIS", "JsonList"]
 
 GENESIS = "0" * 64
 _FILE_RE = re.compile(r"audit-(\d{6})\.jsonl$")
@@ -35,7 +35,94 @@ _dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=Fa
 
 
 def _hash(prev: str, body: str) -> str:
-    return hashlib.sha256(prev.encode() + body.encode()).hexdigest()
+    return hashlib.sha256((prev + body).encode()).hexdigest()
+
+
+def _no_default(o: Any) -> Any:
+    raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
+
+
+# The canonical encoder, built once (``JSONEncoder.encode`` builds a new C encoder per call); the
+# same options as ``_dumps``, so the same text. No circular-reference check: records are trees.
+_c_encode = (
+    c_make_encoder(None, _no_default, encode_basestring, None, ":", ",", True, False, True) if c_make_encoder else None
+)
+
+
+def _canonical(value: Any) -> str:
+    """Canonical JSON text of any record or record value (identical to ``_dumps``)."""
+    if _c_encode is not None:
+        return "".join(_c_encode(value, 0))
+    return _dumps(value)
+
+
+class JsonList(list):  # type: ignore[type-arg]
+    """A list that carries its own canonical JSON text, computed once when it is built.
+
+    A record value the writer would otherwise serialise again for every record: the pipeline builds
+    one per policy Decision (its routes) and shares it between all the records of that decision, and
+    ``AuditLog.append`` splices ``json`` into the line instead of encoding the list again. It is a
+    plain list to every reader and the line is byte-identical, so ``verify_chain`` is unchanged.
+    Never mutate one after it is built: the text would no longer match."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, items: Any = ()) -> None:
+        super().__init__(items)
+        self.json = _canonical(self)
+
+
+_KEY_TEXT: dict[str, str] = {}  # '"dev":' for each record key seen (a few dozen names)
+
+
+def _key_text(k: str) -> str:
+    t = _KEY_TEXT.get(k)
+    if t is None:
+        t = encode_basestring(k) + ":"
+        if len(_KEY_TEXT) < 1024:
+            _KEY_TEXT[k] = t
+    return t
+
+
+# The pipeline's record of a decided message, once ``append`` has chained it: written from a template.
+_DECIDED = frozenset(("dev", "digest", "i", "prev", "rev", "routes", "seq", "size", "stream"))
+
+
+def _encode_record(record: dict[str, Any]) -> str:
+    """The record's canonical JSON (sorted keys, compact, UTF-8 as is), identical to ``_dumps``, with
+    the common values written directly and a ``JsonList`` value spliced in from its cached text."""
+    if record.keys() == _DECIDED:
+        dev, digest, i, prev = record["dev"], record["digest"], record["i"], record["prev"]
+        rev, routes, seq, size, stream = record["rev"], record["routes"], record["seq"], record["size"], record["stream"]
+        if (
+            type(dev) is str and type(digest) is str and type(i) is int and type(prev) is str and type(rev) is str
+            and type(routes) is JsonList and type(seq) is int and type(size) is int and type(stream) is str
+        ):
+            enc = encode_basestring
+            return (
+                f'{{"dev":{enc(dev)},"digest":{enc(digest)},"i":{int.__repr__(i)},"prev":{enc(prev)},'
+                f'"rev":{enc(rev)},"routes":{routes.json},"seq":{int.__repr__(seq)},"size":{int.__repr__(size)},'
+                f'"stream":{enc(stream)}}}'
+            )
+    try:
+        keys = sorted(record)
+    except TypeError:  # keys of mixed types: let the encoder report it
+        return _dumps(record)
+    parts = []
+    for k in keys:
+        if type(k) is not str:
+            return _dumps(record)
+        v = record[k]
+        t = type(v)
+        if t is str:
+            parts.append(_key_text(k) + encode_basestring(v))
+        elif t is int:
+            parts.append(_key_text(k) + int.__repr__(v))
+        elif t is JsonList:
+            parts.append(_key_text(k) + v.json)
+        else:
+            parts.append(_key_text(k) + _canonical(v))
+    return "{" + ",".join(parts) + "}"
 
 
 def _files(directory: Path) -> list[Path]:
@@ -88,7 +175,7 @@ class AuditLog:
         """Chain and buffer one record; returns its hash. ``i``, ``prev`` and ``h`` are set here."""
         record["i"] = self._index
         record["prev"] = self._prev
-        body = _dumps(record)
+        body = _encode_record(record)
         h = _hash(self._prev, body)
         # Insert h as the last key by hand so the line stays canonical JSON without a second dumps.
         self._buf.append(body[:-1] + ',"h":"' + h + '"}\n')
@@ -178,17 +265,6 @@ class VerifyResult:
             "error": self.error,
             "where": self.where,
         }
-
-
-# The canonical encoder, built once: ``_dumps`` goes through JSONEncoder.encode, which builds a new C
-# encoder per call; the verifier calls this one directly (same options, so the same bytes).
-_c_encode = c_make_encoder(None, None, encode_basestring, None, ":", ",", True, False, True) if c_make_encoder else None
-
-
-def _canonical(rec: dict[str, Any]) -> str:
-    if _c_encode is not None:
-        return "".join(_c_encode(rec, 0))
-    return _dumps(rec)
 
 
 OnRecord = Callable[[dict[str, Any], str, str], None]

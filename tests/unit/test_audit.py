@@ -67,3 +67,34 @@ def test_every_single_byte_flip_fails(tmp_path: Path) -> None:
         assert not verify_chain(tmp_path).ok, f"flip at byte {i} not detected"
     f.write_bytes(original)
     assert verify_chain(tmp_path).ok
+
+
+def test_record_text_is_the_canonical_json_whatever_the_values(tmp_path: Path) -> None:
+    from gateway.audit.chain import JsonList, _dumps, _encode_record
+
+    routes = [{"dst": "vault", "allow": True, "rules": ["r1", "r2"]}, {"dst": "x", "allow": False, "reason": "p.e"}]
+    records = [
+        {"dev": "xr-00001", "seq": 7, "size": 0, "digest": "ab" * 32, "rev": "r", "routes": JsonList(routes)},
+        # the decided-message shape once chained (a template), and the same keys with other value types
+        {"dev": "xr-00001", "stream": "result", "seq": 2**63 - 1, "digest": "ab" * 32, "size": 9, "rev": "r\u00e9\"",
+         "routes": JsonList(routes), "i": 0, "prev": "0" * 64},
+        {"dev": "xr-00001", "stream": "result", "seq": True, "digest": "ab" * 32, "size": 9.0, "rev": None,
+         "routes": list(routes), "i": 0, "prev": "0" * 64},
+        {"zeta": "ünïcode \u2028 \"q\" \\ \n\t\x00", "a": -3, "b": True, "c": None, "d": 1.5e-05, "e": [1, 2.0],
+         "f": {"y": 1, "x": [{"k": False}]}, "g": 2**70, "hh": JsonList(), "ii": "", "routes": JsonList(routes)},
+        {},
+    ]
+    for rec in records:
+        plain = {k: list(v) if isinstance(v, JsonList) else v for k, v in rec.items()}
+        assert _encode_record(rec) == _dumps(plain)
+    # the same lines, and the chain verifies, whether or not a value carries its text
+    a, b = AuditLog(tmp_path / "a"), AuditLog(tmp_path / "b")
+    for rec in records:
+        a.append(dict(rec))
+        b.append({k: list(v) if isinstance(v, JsonList) else v for k, v in rec.items()})
+    assert a._buf == b._buf
+    a.close()
+    b.close()
+    assert verify_chain(tmp_path / "a").ok
+    shared = JsonList(routes)
+    assert shared == routes and json.loads(shared.json) == routes
