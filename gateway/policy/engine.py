@@ -9,7 +9,9 @@ must equal ``reference.reference_decide`` exactly; the property test holds it to
 Memoisation: a decision depends only on the facts except ``size``, and on ``size`` only through
 "within the type's limit", so decisions are cached on (device_id, device_type, vendor, site, topic,
 stream, fields, size_ok). The cache is bounded (``MEMO_SIZE``) and simply cleared when full: it is a
-pure function's memo, never a source of truth.
+pure function's memo, never a source of truth. Equal decisions are also shared: every device whose
+facts give the same answer gets the same ``Decision`` object, so what a caller derives from one
+decision (the pipeline's audit fragment and delivery plan) is derived once for all of them.
 """
 
 from __future__ import annotations
@@ -262,6 +264,7 @@ class Policy:
             if r.when.vendors is not None or r.when.device_types is not None
         )
         self._memo: dict[tuple[Any, ...], Decision] = {}
+        self._shared: dict[Decision, Decision] = {}  # equal decisions -> one object (cleared with the memo)
         self._denials: dict[tuple[str, str], Decision] = {}
         self._limits = {t.name: (t.max_size, t.rule_id) for t in spec.device_types.values()}
         self._contracts = frozenset(v.name for v in spec.vendors.values() if v.maintenance_contract)
@@ -292,9 +295,11 @@ class Policy:
                facts.fields, size_ok)
         hit = self._memo.get(key)
         if hit is None:
-            hit = self._decide(facts, size_ok)
             if len(self._memo) >= MEMO_SIZE:
                 self._memo.clear()
+                self._shared.clear()
+            decision = self._decide(facts, size_ok)
+            hit = self._shared.setdefault(decision, decision)
             self._memo[key] = hit
         return hit
 

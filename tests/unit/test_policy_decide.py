@@ -187,3 +187,11 @@ def test_shadow_divergences(policy) -> None:  # type: ignore[no-untyped-def]
     assert [(d.destination, d.kind) for d in divs] == [("vault", "allow")]
     assert divs[0].live.startswith("allow") and divs[0].candidate == "deny (policy.forbid)"
     assert shadow_divergences(policy.decide(f), policy.decide(f)) == []
+
+
+def test_equal_decisions_for_different_devices_are_one_object(policy) -> None:  # type: ignore[no-untyped-def]
+    a = policy.decide(facts(device="xr-00001", fields=(("v", "verdict"),)))
+    b = policy.decide(facts(device="xr-00002", fields=(("v", "verdict"),)))
+    assert a == b and a is b  # shared, so what callers derive from a decision is derived once
+    other = policy.decide(facts(device="xr-00002", fields=(("v", "verdict"), ("t", "telemetry"))))
+    assert other != a and other is not a
