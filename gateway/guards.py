@@ -154,10 +154,25 @@ def _field_checker(spec: FieldSpec) -> Callable[[Any], Any]:
 
 
 @cache
-def _compiled(schema: StreamSchema) -> tuple[dict[str, Callable[[Any], Any]], frozenset[str]]:
+def _compile(schema: StreamSchema) -> tuple[dict[str, Callable[[Any], Any]], frozenset[str]]:
     checkers = {f.name: _field_checker(f) for f in schema.fields}
     required = frozenset(f.name for f in schema.fields if f.required)
     return checkers, required
+
+
+# By identity first: a schema is a frozen dataclass whose hash walks every field spec, on every
+# message. The entry keeps its schema, so the id cannot be reused while it is here.
+_BY_ID: dict[int, tuple[StreamSchema, dict[str, Callable[[Any], Any]], frozenset[str]]] = {}
+
+
+def _compiled(schema: StreamSchema) -> tuple[dict[str, Callable[[Any], Any]], frozenset[str]]:
+    hit = _BY_ID.get(id(schema))
+    if hit is None or hit[0] is not schema:
+        checkers, required = _compile(schema)
+        if len(_BY_ID) >= 4096:
+            _BY_ID.clear()
+        hit = _BY_ID[id(schema)] = (schema, checkers, required)
+    return hit[1], hit[2]
 
 
 def check_payload(schema: StreamSchema, payload: dict[str, Any], *, now_ms: int) -> Checked:
