@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+from gateway.audit.chain import JsonList
 from gateway.catalog import DEVICE_TYPES, schema_for
 from gateway.codec import DEFAULT_LIMITS, Limits, decode, pack_canonical
 from gateway.crypto.envelope import pack_header, seal_packed
@@ -111,6 +112,12 @@ class Pipeline:
         self.blocked: frozenset[str] | set[str] = frozenset()
         self._device_cache: dict[str, Any] = {}
         self._cache_for: PolicyLike | None = None
+        # Per (device, stream) of the current policy: registry entry, type, schema, id check.
+        self._lookups: dict[tuple[str, str], tuple[Any, Any, Any, str | None]] = {}
+        # Per Decision object (the policy memoises them): its audit routes and the delivery plan.
+        self._plans: dict[int, _Plan] = {}
+        # Per schema and field names: the facts' ((name, data class), ...) tuple.
+        self._field_classes: dict[tuple[int, tuple[str, ...]], tuple[tuple[str, str], ...]] = {}
         # The header timestamp a destination gets (ms), when the runtime re-times its uplink: the
         # release boundary the gateway chose, never the device's own clock (which would carry the
         # send time, and arbitrary low digits, to the destination). None: the device's `ts`.
@@ -119,8 +126,7 @@ class Pipeline:
     def _device(self, policy: PolicyLike, device: str) -> Any:
         """Registry lookup, memoised per policy object (patterns are matched once per device)."""
         if self._cache_for is not policy:
-            self._device_cache = {}
-            self._cache_for = policy
+            self._new_policy(policy)
         cache = self._device_cache
         try:
             return cache[device]
@@ -129,6 +135,71 @@ class Pipeline:
             if entry is not None and len(cache) < 1_000_000:  # unknown ids are not cached: no growth
                 cache[device] = entry
             return entry
+
+    def _new_policy(self, policy: PolicyLike) -> None:
+        self._device_cache = {}
+        self._lookups = {}
+        self._plans = {}
+        self._cache_for = policy
+
+    def _lookup(self, policy: PolicyLike, device: str, stream: str) -> tuple[Any, Any, Any, str | None] | None:
+        """(registry entry, device type, schema, device-id check) for a known device, memoised per
+        policy object; None for an unknown device (not memoised: no growth from made-up ids)."""
+        if self._cache_for is not policy:
+            self._new_policy(policy)
+        hit = self._lookups.get((device, stream))
+        if hit is None:
+            entry = self._device(policy, device)
+            if entry is None:
+                return None
+            dtype = DEVICE_TYPES.get(entry.device_type)
+            schema = schema_for(entry.device_type, stream)
+            code = device_id_suspicious(device, dtype.id_prefix) if dtype is not None and schema is not None else None
+            hit = (entry, dtype, schema, code)
+            if len(self._lookups) >= 1_000_000:
+                self._lookups.clear()
+            self._lookups[(device, stream)] = hit
+        return hit
+
+    def _field_classes_for(self, schema: Any, fields: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+        names = tuple(fields)
+        key = (id(schema), names)
+        hit = self._field_classes.get(key)
+        if hit is None:
+            by_name = schema.by_name
+            hit = tuple((name, by_name[name].cls) for name in names)
+            if len(self._field_classes) >= 100_000:
+                self._field_classes.clear()
+            # the schemas are the catalogue's (module constants), so an id is never reused
+            self._field_classes[key] = hit
+        return hit
+
+    def _plan(self, policy: PolicyLike, decision: Decision) -> _Plan:
+        """What a Decision means for every message it decides: its audit routes (canonical JSON
+        written once) and, per allowed route, the sorted projection and the destination's transport."""
+        if self._cache_for is not policy:
+            self._new_policy(policy)
+        plan = self._plans.get(id(decision))
+        if plan is not None and plan.decision is decision:
+            return plan
+        destinations = policy.destinations
+        allowed = []
+        groups: dict[tuple[Any, ...], int] = {}
+        for route in decision.routes:
+            if not route.allow:
+                continue
+            # Built with sorted keys: the guards' values are canonical below the top level.
+            names = tuple(sorted(route.fields))
+            group = groups.setdefault((names, route.quantize), len(groups))
+            dest = destinations[route.destination]
+            prefix = f"{dest.topic}/" if dest.transport == "mqtt" else None
+            allowed.append((route, names, route.quantize, dest.transport, prefix, group))
+        plan = _Plan(decision, _audit_routes(decision), JsonList(decision.errors) if decision.errors else None,
+                     tuple(allowed), len(groups) < len(allowed))
+        if len(self._plans) >= 10_000:
+            self._plans.clear()
+        self._plans[id(decision)] = plan  # holds the decision, so its id is not reused meanwhile
+        return plan
 
     def process(self, topic: str, payload: bytes, *, retain: bool = False) -> Outcome:
         policy = self.policy  # one revision for the whole message, whatever a reload does meanwhile
@@ -141,14 +212,12 @@ class Pipeline:
                 raise RejectedMessage("guard.retained", "devices may not publish retained messages")
             if device in self.blocked:
                 raise RejectedMessage("guard.isolated", "the device is isolated until an operator releases it")
-            entry = self._device(policy, device)
-            if entry is None:
+            known = self._lookup(policy, device, stream)
+            if known is None:
                 raise RejectedMessage("guard.unknown_device", "device is not in the registry")
-            dtype = DEVICE_TYPES.get(entry.device_type)
-            schema = schema_for(entry.device_type, stream)
+            entry, dtype, schema, code = known
             if dtype is None or schema is None:
                 raise RejectedMessage("guard.unknown_type", "device type has no schema")
-            code = device_id_suspicious(device, dtype.id_prefix)
             if code:
                 raise RejectedMessage(code, "device id level is not <prefix>-<digits>")
             if len(payload) > dtype.max_payload:
@@ -177,7 +246,6 @@ class Pipeline:
             out.record = _record(out, topic, digest, len(payload), policy.revision)
             return out
 
-        by_name = schema.by_name
         facts = MessageFacts(
             device_id=device,
             device_type=entry.device_type,
@@ -186,37 +254,60 @@ class Pipeline:
             topic=topic,
             stream=stream,
             size=len(payload),
-            fields=tuple((name, by_name[name].cls) for name in fields),
+            fields=self._field_classes_for(schema, fields),
         )
         decision = policy.decide(facts)
         out.decision = decision
         out.facts = facts
-        destinations = policy.destinations
+        plan = self._plan(policy, decision)
         recipients = self.recipients
         header_ts = self.header_ts
         revision = decision.revision
-        for route in decision.routes:
-            if not route.allow:
-                continue
-            # Built with sorted keys: the guards' values are canonical below the top level.
-            projected = {name: fields[name] for name in sorted(route.fields)}
-            for name, step in route.quantize:
-                if name in projected:
-                    projected[name] = _quantise(projected[name], step)
-            dest = destinations[route.destination]
+        deliveries = out.deliveries
+        plaintexts: dict[int, bytes] | None = {} if plan.shared else None
+        for route, names, quantize, transport, prefix, group in plan.allowed:
+            plaintext = plaintexts.get(group) if plaintexts is not None else None
+            if plaintext is None:
+                projected = {name: fields[name] for name in names}
+                for name, step in quantize:
+                    if name in projected:
+                        projected[name] = _quantise(projected[name], step)
+                plaintext = pack_canonical(projected)
+                if plaintexts is not None:
+                    plaintexts[group] = plaintext
             hts = header_ts(route.destination) if header_ts is not None else None
             header = pack_header(device, stream, seq, ts if hts is None else hts, route.destination, revision)
             sealer = recipients.get(route.destination)
             if sealer is None:
-                envelope = seal_packed(self.keyring, header, pack_canonical(projected))
+                envelope = seal_packed(self.keyring, header, plaintext)
             else:
-                envelope = sealer.seal_packed(header, pack_canonical(projected))
-            topic_out = f"{dest.topic}/{device}/{stream}" if dest.transport == "mqtt" else ""
-            out.deliveries.append(Delivery(route.destination, dest.transport, topic_out, envelope))
-        out.record = _record(out, topic, digest, len(payload), decision.revision)
+                envelope = sealer.seal_packed(header, plaintext)
+            topic_out = f"{prefix}{device}/{stream}" if prefix is not None else ""
+            deliveries.append(Delivery(route.destination, transport, topic_out, envelope))
+        rec: dict[str, Any] = {
+            "dev": device,
+            "stream": stream,
+            "seq": seq,
+            "digest": digest,
+            "size": len(payload),
+            "rev": revision,
+            "routes": plan.routes,
+        }
+        if plan.errors is not None:
+            rec["errors"] = plan.errors
+        out.record = rec
         if trailers:
             out.record["trailer_cut"] = [[name, n] for name, n in trailers]
         return out
+
+
+class _Plan(NamedTuple):
+    decision: Decision
+    routes: JsonList  # the audit record's "routes", shared by every record of this decision
+    errors: JsonList | None
+    # per allowed route: (route, sorted projected names, quantize, transport, mqtt topic prefix, group)
+    allowed: tuple[tuple[Any, tuple[str, ...], tuple[tuple[str, float], ...], str, str | None, int], ...]
+    shared: bool  # two routes project the same fields the same way: encode that plaintext once
 
 
 def _quantise(value: Any, step: float) -> Any:
@@ -245,17 +336,22 @@ def _record(out: Outcome, topic: str, digest: str, size: int, revision: str, *, 
             rec["topic_digest"] = hashlib.sha256(topic.encode("utf-8", "replace")).hexdigest()[:32]
     d = out.decision
     if d is not None:
-        rec["routes"] = [
-            {
-                "dst": r.destination,
-                "allow": r.allow,
-                **({"reason": r.reason} if r.reason else {}),
-                **({"removed": [list(x) for x in r.removed]} if r.removed else {}),
-                **({"quantized": [x[0] for x in r.quantize]} if r.quantize else {}),
-                "rules": list(r.rules),
-            }
-            for r in d.routes
-        ]
+        rec["routes"] = _audit_routes(d)
         if d.errors:
-            rec["errors"] = list(d.errors)
+            rec["errors"] = JsonList(d.errors)
     return rec
+
+
+def _audit_routes(d: Decision) -> JsonList:
+    """A decision's routes as the audit record has them: names, rule ids and reason codes."""
+    return JsonList(
+        {
+            "dst": r.destination,
+            "allow": r.allow,
+            **({"reason": r.reason} if r.reason else {}),
+            **({"removed": [list(x) for x in r.removed]} if r.removed else {}),
+            **({"quantized": [x[0] for x in r.quantize]} if r.quantize else {}),
+            "rules": list(r.rules),
+        }
+        for r in d.routes
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import msgpack
 import pytest
@@ -98,3 +99,28 @@ def test_isolated_device_is_refused(tmp_path: Path) -> None:
     assert out.reason == "guard.isolated" and not out.deliveries
     pl.blocked = frozenset()
     assert pl.process(TOPIC, _payload(2)).deliveries
+
+
+def test_a_decision_object_reused_by_another_policy_is_planned_again(tmp_path: Path) -> None:
+    """The pipeline plans per Decision object (routes in the audit record, projection, destination
+    topic); a reloaded policy with other destinations must not inherit the old plan."""
+    from tests.fakes import FakeDestination
+
+    class Memo(FakePolicy):
+        shared: ClassVar[dict[object, object]] = {}
+
+        def decide(self, facts):  # type: ignore[no-untyped-def]
+            return self.shared.setdefault(facts.fields, super().decide(facts))
+
+    pl = _pipeline(tmp_path)
+    pl.policy = Memo()
+    first = pl.process(TOPIC, _payload(1))
+    second = pl.process(TOPIC, _payload(2))
+    assert first.decision is second.decision
+    assert first.record["routes"] == second.record["routes"] == json.loads(json.dumps(first.record["routes"]))
+    moved = Memo()
+    moved.destinations["customs"] = FakeDestination("customs", "mqtt", "edgeward/out/moved", "NL")
+    pl.policy = moved
+    third = pl.process(TOPIC, _payload(3))
+    assert third.decision is first.decision
+    assert {d.destination: d.topic for d in third.deliveries}["customs"] == "edgeward/out/moved/et-00004/result"
