@@ -39,8 +39,9 @@ subscriber receipt), per percentile; the path through the gateway includes the s
 the design imposes. The gateway's own figure (stats.latency_s: ingest receipt -> last uplink PUBACK) is
 shown beside it.
 
-Stage profile: the same messages through a stage-timed copy of ``Pipeline.process`` in-process
-(benchmarks/_e2e_profile.py); the MQTT adapter's share = gateway CPU per message - the pipeline's.
+Stage profile: as many fresh messages as a throughput row through a stage-timed copy of
+``Pipeline.process`` in-process (benchmarks/_e2e_profile.py), on a freshly loaded policy like the gateway
+process's; the MQTT adapter's share = gateway CPU per message - the pipeline's.
 """
 
 from __future__ import annotations
@@ -525,7 +526,7 @@ def main() -> None:
                 r["mix"] = mix
                 results.append(r)
         log(f"[{mix}] stage profile (in-process) ...")
-        profiles[mix] = profile_stages_for(policy, maker.make(min(n, 5000), mix))
+        profiles[mix] = profile_stages_for(maker.make(n, mix))
         gw1 = next(r for r in results if r["mix"] == mix and r["kind"] == "gw" and r["qos"] == 1)
         profiles[mix]["gateway_cpu_us"] = gw1["cpu_us_per_msg"]
         profiles[mix]["mqtt_adapter_us"] = gw1["cpu_us_per_msg"] - profiles[mix]["pipeline_us"]
@@ -549,10 +550,12 @@ def main() -> None:
     report(meta, results, latency, profiles)
 
 
-def profile_stages_for(policy: Any, msgs: list[tuple[str, bytes]]) -> dict[str, Any]:
+def profile_stages_for(msgs: list[tuple[str, bytes]]) -> dict[str, Any]:
+    """The same number of messages as a throughput row, each pass on a freshly loaded policy (a cold
+    decision memo, like the gateway process's)."""
     from _e2e_profile import profile_stages
 
-    return profile_stages(policy, msgs)
+    return profile_stages(lambda: load_policy(REPO / "policies"), msgs)
 
 
 def report(meta: dict[str, Any], results: list[dict[str, Any]], latency: dict[str, Any] | None,
