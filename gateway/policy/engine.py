@@ -9,7 +9,10 @@ must equal ``reference.reference_decide`` exactly; the property test holds it to
 Memoisation: a decision depends only on the facts except ``size``, and on ``size`` only through
 "within the type's limit", so decisions are cached on (device_id, device_type, vendor, site, topic,
 stream, fields, size_ok). The cache is bounded (``MEMO_SIZE``) and simply cleared when full: it is a
-pure function's memo, never a source of truth. Equal decisions are also shared: every device whose
+pure function's memo, never a source of truth. Below it, the routes of a granted message are memoised on
+what they read (grant, contract, fields, vendor, type, stream; device and topic too when a condition
+names devices or topics), so a device's first message costs the lookups, not the route plan. Equal
+decisions are also shared: every device whose
 facts give the same answer gets the same ``Decision`` object, so what a caller derives from one
 decision (the pipeline's audit fragment and delivery plan) is derived once for all of them.
 """
@@ -265,6 +268,13 @@ class Policy:
         )
         self._memo: dict[tuple[Any, ...], Decision] = {}
         self._shared: dict[Decision, Decision] = {}  # equal decisions -> one object (cleared with the memo)
+        # The routes once a grant is found depend on the device only through conditions on devices or
+        # topics; without any, devices of the same type, vendor, stream and fields share their routes.
+        self._routes_memo: dict[tuple[Any, ...], tuple[Route, ...]] = {}
+        self._routes_see_device = any(
+            r.when.devices is not None or r.when.topics is not None
+            for r in (*spec.rules, *(o for d in spec.destinations for o in d.obligations))
+        )
         self._denials: dict[tuple[str, str], Decision] = {}
         self._limits = {t.name: (t.max_size, t.rule_id) for t in spec.device_types.values()}
         self._contracts = frozenset(v.name for v in spec.vendors.values() if v.maintenance_contract)
@@ -298,6 +308,7 @@ class Policy:
             if len(self._memo) >= MEMO_SIZE:
                 self._memo.clear()
                 self._shared.clear()
+                self._routes_memo.clear()
             decision = self._decide(facts, size_ok)
             hit = self._shared.setdefault(decision, decision)
             self._memo[key] = hit
@@ -371,7 +382,16 @@ class Policy:
             errors = tuple(sorted(errs))
         has_contract = facts.vendor in self._contracts and (entry is None or entry.maintenance is not False)
         gid = grant.rule_id
-        routes = tuple(self._route(d, facts, has_contract, gid) for d in self._dests)
+        # What _route reads of the facts: fields, vendor, type, stream (and device and topic only
+        # through `when` conditions that name them); site is the policy's own.
+        key = (gid, has_contract, facts.fields, facts.vendor, facts.device_type, facts.stream,
+               *((facts.device_id, facts.topic) if self._routes_see_device else ()))
+        routes = self._routes_memo.get(key)
+        if routes is None:
+            routes = tuple(self._route(d, facts, has_contract, gid) for d in self._dests)
+            if len(self._routes_memo) >= MEMO_SIZE:
+                self._routes_memo.clear()
+            self._routes_memo[key] = routes
         return Decision(self.revision, routes, errors)
 
     def _route(self, d: _DestPlan, facts: MessageFacts, has_contract: bool, gid: str) -> Route:

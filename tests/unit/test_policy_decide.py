@@ -195,3 +195,15 @@ def test_equal_decisions_for_different_devices_are_one_object(policy) -> None:  
     assert a == b and a is b  # shared, so what callers derive from a decision is derived once
     other = policy.decide(facts(device="xr-00002", fields=(("v", "verdict"), ("t", "telemetry"))))
     assert other != a and other is not a
+
+
+@pytest.mark.parametrize("when", ["{devices: [xr-00001]}", "{topics: ['site/{site}/dev/xr-00001/#']}"])
+def test_routes_shared_between_devices_only_when_no_condition_names_a_device(when: str) -> None:
+    p = compile_policy(BASE + f"  - {{id: not-1, effect: forbid, destinations: [hub], when: {when}}}\n")
+    f = (("v", "verdict"),)
+    assert not route(p.decide(facts(device="xr-00001", fields=f)), "hub").allow
+    assert route(p.decide(facts(device="xr-00002", fields=f)), "hub").allow
+    assert not route(p.decide(facts(device="xr-00001", fields=f, stream="status/health")), "hub").allow
+    plain = compile_policy(BASE)
+    a = plain.decide(facts(device="xr-00001", fields=f))
+    assert plain.decide(facts(device="xr-00002", fields=f)).routes is a.routes  # planned once
