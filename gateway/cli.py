@@ -263,15 +263,19 @@ async def _sim_run(root: Path, fleet: Any, args: argparse.Namespace, measure: bo
     await rx.start()
     try:
         truth = await fleet.run(args.seconds)
-        # Re-timed uplinks release in batches of up to 1.5 x retime_ms: wait until nothing new
-        # arrives for longer than the longest batch, at most --settle seconds.
+        # Re-timed uplinks release in batches of up to 1.5 x retime_ms, and a device's excess volume
+        # is held (burst_hold_s): wait until the gateway holds nothing and awaits no destination,
+        # and nothing new arrived for longer than the longest batch; at most --settle seconds.
         quiet, last, deadline = 0.0, -1, time.monotonic() + args.settle
         policy = _load_policy(site.policy_dir)
         longest = max((d.retime_ms for d in policy.destinations.values()), default=0) * 1.5 / 1000 + 1.0
-        while time.monotonic() < deadline and quiet < longest:
+        while time.monotonic() < deadline:
             await asyncio.sleep(0.25)
             quiet = quiet + 0.25 if rx.total == last else 0.0
             last = rx.total
+            st = _read_status(root) or {}
+            if quiet >= longest and not st.get("held") and not st.get("awaiting_uplink_ack"):
+                break
     finally:
         await rx.stop()
     closed = sorted(d for d in _recipients(root) if d not in openers)

@@ -257,7 +257,12 @@ def _report(opts: DemoOptions, broker: MosquittoBroker, version: str, gw: Gatewa
     s = gw.stats
     pol = gw.policy
     mqtt_forwarded = {d: n for d, n in s.forwarded.items() if pol.destinations[d].transport == "mqtt"}
-    undelivered = sum(max(0, n - rx.counts.get(d, 0)) for d, n in mqtt_forwarded.items())
+    # Dropped with a reason in the audit log (withheld bursts, an unreachable destination) is accounted
+    # for, not lost.
+    dropped: Counter[str] = Counter()
+    for key, n in s.undelivered.items():
+        dropped[key.split(":", 1)[0]] += n
+    undelivered = sum(max(0, n - dropped[d] - rx.counts.get(d, 0)) for d, n in mqtt_forwarded.items())
     vault_name = next((d for d, v in pol.destinations.items() if v.transport == "vault"), None)
     vault_missing = max(0, s.forwarded.get(vault_name, 0) - len(vault_keys)) if vault_name else 0
     blocked: Counter[str] = Counter(s.rejected)
@@ -281,6 +286,7 @@ def _report(opts: DemoOptions, broker: MosquittoBroker, version: str, gw: Gatewa
         "forwarded": dict(sorted(s.forwarded.items())),
         "at_destinations": dict(sorted(rx.counts.items())),
         "blocked": dict(sorted(blocked.items())),
+        "dropped_with_reason": dict(sorted(s.undelivered.items())),
         "fields_removed": dict(sorted(s.removed.items())),
         "violations_quarantined": dict(sorted(s.violations.items())),
         "bad_inputs": bad,
@@ -320,6 +326,8 @@ def format_summary(r: dict[str, Any]) -> str:
         "  fields removed    " + (", ".join(f"{c} {n}" for c, n in r["fields_removed"].items()) or "none"),
         "  quarantined       " + (", ".join(f"{c} {n}" for c, n in r["violations_quarantined"].items()) or "none")
         + " (sealed locally, alerted on edgeward/alerts/)",
+        *(["  not delivered     " + ", ".join(f"{k} {n}" for k, n in r["dropped_with_reason"].items())
+           + " (each audited with its reason)"] if r.get("dropped_with_reason") else []),
         *([_technique_table(r["techniques"])] if "techniques" in r else []),
         f"  lost              {r['lost']}",
         f"  duplicates        {r['duplicates']}",

@@ -31,7 +31,7 @@ import json
 import os
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +51,26 @@ from gateway.runtime.mqtt import Message, MqttClient
 from gateway.runtime.spool import Spool, SpoolFull
 from gateway.vault import VaultWriter
 
+def _interleave(batch: list[tuple[str, bytes, tuple[Any, ...]]]) -> list[tuple[str, bytes, tuple[Any, ...]]]:
+    """A batch in a uniformly random interleaving of its devices' messages, each device's own order
+    kept. Released in arrival order, a message's place among the others would tell the destination
+    when it arrived within the batch (measured: the read splits of one release decoded a 0.5 s
+    timing channel through 10 s batches)."""
+    by_device: dict[str, list[tuple[str, bytes, tuple[Any, ...]]]] = {}
+    for item in batch:
+        by_device.setdefault(item[2][2], []).append(item)
+    if len(by_device) < 2:
+        return batch
+    turns = [dev for dev, items in by_device.items() for _ in items]
+    _RNG.shuffle(turns)
+    cursor = dict.fromkeys(by_device, 0)
+    out = []
+    for dev in turns:
+        out.append(by_device[dev][cursor[dev]])
+        cursor[dev] += 1
+    return out
+
+
 def _since_last_audit_write(directory: Path, now: float) -> float:
     """Seconds since the newest audit file was written (0.0 for a new gateway)."""
     try:
@@ -61,6 +81,11 @@ def _since_last_audit_write(directory: Path, now: float) -> float:
 
 
 _RNG = random.SystemRandom()
+# Holding excess volume: a device's normal-rate allowance holds this share of its baseline's burst
+# (at least PROBATION_MIN_BURST messages), refilled at the type's nominal rate (baseline / headroom).
+PROBATION_BURST_SHARE = 0.25
+PROBATION_MIN_BURST = 5.0
+PROBATION_MAX_DEVICES = 200_000
 DISK_FULL_REMIND_S = 60.0  # a disk that stays full is alerted again this often (not on every retry)  # batch boundaries: not predictable from anything a device sees
 
 __all__ = ["GatewayConfig", "GatewayStats", "Gateway", "SYS_DROPPED"]
@@ -117,8 +142,22 @@ class GatewayConfig:
     # Each re-timing batch lasts U(1 - j, 1 + j) x retime_ms, drawn by the gateway: boundaries that
     # cannot phase-lock with a device's own fixed schedule (docs/hostile-firmware.md, the sweep).
     retime_jitter: float = 0.5
+    # Volume beyond a device's *normal* rate (its type's nominal rate, a few messages of slack) is held
+    # this long before it may leave the site; a device that trips its rate baseline meanwhile has
+    # what is held withdrawn (audited `undelivered`, reason `withheld:detect.burst`), so a burst's
+    # size never reaches a destination whole. 0 turns it off. SiteRuntime (edgeward run) sets 30 s.
+    burst_hold_s: float = 0.0
     uplink_down_after_s: float = 5.0  # a connection away this long: the destination is down
     spool_drain_rate: float = 2_000.0  # envelopes/s per destination when a spool drains
+
+
+@dataclass(slots=True)
+class _Probation:
+    """A device's normal-rate allowance and the envelopes held while it sends beyond it."""
+
+    tokens: float
+    t: float
+    held: deque[tuple[float, _Outbox, str, bytes, tuple[Any, ...]]] = field(default_factory=deque)
 
 
 @dataclass
@@ -137,6 +176,7 @@ class GatewayStats:
     shadow_divergent: int = 0  # messages a shadow policy would have decided differently
     undelivered: Counter[str] = field(default_factory=Counter)  # "<destination>:<reason>", counted drops
     spooled: Counter[str] = field(default_factory=Counter)
+    held: int = 0  # envelopes held for a device's excess volume, ever
     disk_full_events: int = 0
     latency_s: list[float] = field(default_factory=list)  # receipt -> last destination acknowledged
 
@@ -146,6 +186,7 @@ class GatewayStats:
             "decided": self.decided,
             "duplicates": self.duplicates,
             "acked": self.acked,
+            "held": self.held,
             "rejected": dict(self.rejected),
             "denied": dict(self.denied),
             "forwarded": dict(self.forwarded),
@@ -287,6 +328,7 @@ class Gateway:
         self._pause_reasons: set[str] = set()
         self._disk_full: str | None = None
         self._disk_full_episode: list[float] | None = None  # [started, last alerted, failed retries]
+        self._probation: dict[str, _Probation] = {}
         self._held_acks: list[int] = []
         self._last_kind_alert: dict[str, float] = {}
         self._generation = 0
@@ -439,7 +481,10 @@ class Gateway:
         transport = self.ingest.transport
         if transport is not None and self.ingest.connected:
             transport.pause_reading()
-            # Release the re-timing batches now (one last batch), and keep delivering until drained.
+            # Release what is held and the re-timing batches now (one last batch), and keep
+            # delivering until drained.
+            for ref in self._release_held(time.monotonic(), everything=True):
+                self._settle(ref)
             for ob in self.outboxes.values():
                 ob.next_release = 0.0
             deliver = asyncio.create_task(self._deliverer(asyncio.Event()), name="gateway-final-delivery")
@@ -517,6 +562,7 @@ class Gateway:
         outboxes = self.outboxes
         ready: list[int] = []
         vaulted: list[tuple[str, int, str]] = []
+        withdrawn: list[tuple[Any, ...]] = []
         gen = self._generation
         t0 = time.monotonic()
         for m in batch:
@@ -545,6 +591,9 @@ class Gateway:
                     stats.rejected[out.reason] += 1
                     if out.reason in SECURITY_REASONS or out.reason.startswith("detect."):
                         self._on_violation(out, m)
+                    if out.device in self._probation and (out.reason.startswith("detect.")
+                                                          or out.reason == "guard.isolated"):
+                        withdrawn.extend(self._withdraw(out.device, out.reason))
             else:
                 if "trailer_cut" in out.record:
                     self._on_violation(out, m, code="detect.image_trailer")
@@ -556,6 +605,7 @@ class Gateway:
                     for _, code in r.removed:
                         stats.removed[code] += 1
             n_up = 0
+            held = self._probation_hold(out, t0) if self.config.burst_hold_s and out.deliveries else None
             for d in out.deliveries:
                 stats.forwarded[d.destination] += 1
                 if d.transport == "vault":
@@ -564,7 +614,11 @@ class Gateway:
                     continue
                 ob = outboxes.get(d.destination) or self._outbox(d.destination)
                 ref = (gen, m.packet_id, out.device, out.seq, d.destination)
-                if ob.retime_s and not ob.hold:
+                if held is not None:  # beyond the device's normal volume: waits to see if it is a burst
+                    held.held.append((t0, ob, d.topic, d.envelope, ref))
+                    stats.held += 1
+                    n_up += 1
+                elif ob.retime_s and not ob.hold:
                     ob.queue.append((d.topic, d.envelope, ref))  # released at the next batch boundary
                     n_up += 1
                 elif self._send(ob, d.topic, d.envelope, ref):
@@ -583,6 +637,8 @@ class Gateway:
             for pid in ready:
                 self.ingest.ack(pid)
             stats.acked += len(ready)
+            for ref in withdrawn:
+                self._settle(ref)
         else:
             self._held_acks.extend(ready)  # acknowledged once the disk takes the batch
         for link in self._links.values():
@@ -673,6 +729,8 @@ class Gateway:
             "uplink": "connected" if self.uplink.connected else "disconnected",
             "uplink_backlog": self._pending_out(),
             "awaiting_uplink_ack": len(self._pending),
+            # envelopes of devices sending beyond their normal rate, waiting out burst_hold_s
+            "held": sum(len(p.held) for p in self._probation.values()),
             "paused": sorted(self._pause_reasons) if self._pause_reasons else False,
             "disk_full": self._disk_full,
             "isolated": sorted(self.isolated),
@@ -967,12 +1025,14 @@ class Gateway:
         settled: list[tuple[Any, ...]] = []
         for link in self._links.values():
             self._watch_link(link, now)
+        if self._probation:
+            settled.extend(self._release_held(now))
         for ob in self.outboxes.values():
             if ob.retime_s and now_wall >= ob.next_release:
                 # Released only at the gateway's own boundaries, drawn whatever the devices do: the
                 # destination sees batches, and the header says the boundary, not the device's ts.
                 if ob.queue:
-                    batch, ob.queue = ob.queue, []
+                    batch, ob.queue = _interleave(ob.queue), []
                     for topic, envelope, ref in batch:
                         if not self._send(ob, topic, envelope, ref):
                             settled.append(ref)
@@ -986,6 +1046,68 @@ class Gateway:
                 self._settle(ref)
         for link in self._links.values():
             link.client.flush()
+
+    # ------------------------------------------------------------------ holding excess volume
+    def _probation_hold(self, out: Any, now: float) -> _Probation | None:
+        """The device's hold when this message is beyond its normal rate (or older ones still wait:
+        a device's order is kept); None when it may go out now."""
+        rate = self.pipeline.rate
+        facts = out.facts
+        if rate is None or facts is None:
+            return None
+        p = self._probation.get(out.device)
+        if p is None:
+            try:
+                lim = getattr(rate, "baseline", rate).limits(facts.device_type)
+            except (AttributeError, KeyError):
+                return None  # no baseline for this type: nothing to compare with
+            burst = max(PROBATION_MIN_BURST, PROBATION_BURST_SHARE * lim[1])
+            p = self._probation[out.device] = _Probation(burst, now)
+            if len(self._probation) > PROBATION_MAX_DEVICES:
+                self._forget_quiet_probation(now)
+        else:
+            lim = getattr(rate, "baseline", rate).limits(facts.device_type)
+            burst = max(PROBATION_MIN_BURST, PROBATION_BURST_SHARE * lim[1])
+            headroom = getattr(getattr(rate, "baseline", rate), "headroom", 1.0) or 1.0
+            p.tokens = min(burst, p.tokens + (now - p.t) * lim[0] / headroom)
+            p.t = now
+        if p.held:
+            return p
+        if p.tokens >= 1.0:
+            p.tokens -= 1.0
+            return None
+        return p
+
+    def _forget_quiet_probation(self, now: float) -> None:
+        for dev in [d for d, p in self._probation.items() if not p.held and now - p.t > 600.0]:
+            del self._probation[dev]
+
+    def _withdraw(self, device: str, reason: str) -> list[tuple[Any, ...]]:
+        """The device tripped its baseline (or was isolated): what it had held never leaves."""
+        p = self._probation.get(device)
+        if p is None or not p.held:
+            return []
+        refs = []
+        while p.held:
+            _, ob, _, _, ref = p.held.popleft()
+            why = f"withheld:{reason}"
+            self.stats.undelivered[f"{ob.name}:{why}"] += 1
+            self._record({"event": "undelivered", "dst": ob.name, "dev": ref[2], "seq": ref[3], "reason": why})
+            refs.append(ref)
+        return refs
+
+    def _release_held(self, now: float, *, everything: bool = False) -> list[tuple[Any, ...]]:
+        """Held envelopes whose hold has passed without a trip go on as any other would."""
+        settled: list[tuple[Any, ...]] = []
+        hold_s = self.config.burst_hold_s
+        for p in self._probation.values():
+            while p.held and (everything or now - p.held[0][0] >= hold_s):
+                _, ob, topic, envelope, ref = p.held.popleft()
+                if ob.retime_s and not ob.hold:
+                    ob.queue.append((topic, envelope, ref))
+                elif not self._send(ob, topic, envelope, ref):
+                    settled.append(ref)
+        return settled
 
     def _next_boundary(self, ob: _Outbox, now_wall: float) -> float:
         j = min(max(self.config.retime_jitter, 0.0), 0.9)

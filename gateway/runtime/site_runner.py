@@ -30,6 +30,8 @@ from gateway.site import Site, mosquitto_password_line
 __all__ = ["OPERATOR_USER", "SiteRuntime", "operator_secret_path", "recipient_keys", "render_site_acl", "start_site_broker"]
 
 OPERATOR_USER = "edgeward-operator"
+# What a site runs with beyond GatewayConfig's library defaults (which tests and benchmarks use).
+SITE_DEFAULTS: dict[str, Any] = {"burst_hold_s": 30.0}
 
 
 def render_site_acl(policy: Any) -> str:
@@ -149,7 +151,7 @@ class SiteRuntime:
             audit_signing_key=site.audit_signing_key(),
             site_name=site.name,
             recipient_keys=recipient_keys(site, self.policy),
-            **self.config_overrides,
+            **{**SITE_DEFAULTS, **self.config_overrides},
         )
         # Published checkpoints are kept by the operator side, outside the gateway's reach.
         self._operator = self.operator_client("edgeward-operator-checkpoints", self._on_operator)

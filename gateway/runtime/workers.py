@@ -140,7 +140,7 @@ async def _worker_async(args: _WorkerArgs, state: Any, events: Any) -> None:
     from gateway.runtime.isolation import isolate
     from gateway.runtime.reload import PolicyReloader
     from gateway.runtime.service import Gateway, GatewayConfig
-    from gateway.runtime.site_runner import recipient_keys
+    from gateway.runtime.site_runner import SITE_DEFAULTS, recipient_keys
 
     i, site = args.index, args.site
     tag = f"[w{i}] "
@@ -168,7 +168,7 @@ async def _worker_async(args: _WorkerArgs, state: Any, events: Any) -> None:
         site_name=site.name,
         checkpoint_topic=worker_checkpoint_topic(i),
         recipient_keys=recipient_keys(site, policy),
-        **args.overrides,
+        **{**SITE_DEFAULTS, **args.overrides},
     )
     view = state.for_worker(i) if state is not None else None
     if view is not None and view.previous:

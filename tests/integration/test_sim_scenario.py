@@ -64,7 +64,7 @@ def test_sim_scenario_measures_leaks_and_saves_the_run(tmp_path: Path) -> None:
     assert tech["free_text"]["attempts"] > 0
     assert all(row["leaked"] == 0 for row in tech.values()), tech
     timing = tech["timing"]["measure"]
-    assert timing["measured"] is True and timing["bits_sent"] > 10  # decoded from what arrived, not assumed
+    assert timing["measured"] is True and timing["bits_sent"] >= 6  # decoded from what arrived, not assumed
 
     # the saved run reproduces the report from its files alone; it holds secrets, so it is private
     assert saved.stat().st_mode & 0o777 == 0o700
