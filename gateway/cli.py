@@ -523,18 +523,27 @@ def _vaults(state: Path) -> list[tuple[Any, Path]]:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    ring = _keyring(Path(args.state_dir))
-    if args.keys_cmd == "rotate":
-        k = ring.rotate()
-        print(f"new data key {k.kid}")
-    elif args.keys_cmd == "destroy":
-        ring.destroy(args.kid)
-        print(f"data key {args.kid} destroyed; everything sealed under it is unreadable")
+    """The site's data keys: with workers (``edgeward run --workers N``) each worker seals under its
+    own keyring (wrapped under the one KEK), so list, rotate and destroy cover every one of them."""
     import datetime as _dt
 
-    for kid, created, current in ring.list():
-        when = _dt.datetime.fromtimestamp(created, _dt.timezone.utc).isoformat(timespec="seconds")
-        print(f"{kid}  created {when}{'  (current)' if current else ''}")
+    rings = [(vault.parent.name if vault.parent != Path(args.state_dir) else "site", ring)
+             for ring, vault in _vaults(Path(args.state_dir))]
+    if args.keys_cmd == "rotate":
+        for label, ring in rings:
+            print(f"{label}: new data key {ring.rotate().kid}")
+    elif args.keys_cmd == "destroy":
+        holders = [(label, ring) for label, ring in rings if args.kid in {k for k, _, _ in ring.list()}]
+        if not holders:
+            raise EdgewardError(f"no data key {args.kid} in this site's keyrings (edgeward keys list shows them)")
+        for label, ring in holders:
+            ring.destroy(args.kid)
+            print(f"{label}: data key {args.kid} destroyed; everything sealed under it is unreadable")
+    for label, ring in rings:
+        for kid, created, current in ring.list():
+            when = _dt.datetime.fromtimestamp(created, _dt.timezone.utc).isoformat(timespec="seconds")
+            prefix = f"{label}  " if len(rings) > 1 else ""
+            print(f"{prefix}{kid}  created {when}{'  (current)' if current else ''}")
     return 0
 
 

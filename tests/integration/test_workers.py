@@ -216,6 +216,15 @@ async def test_two_workers_share_the_ingest_exactly_once(tmp_path: Path) -> None
     assert "worker-0: audit chain OK" in text and "worker-1: audit chain OK" in text and "total: 2 chains" in text
     records = _edgeward("decrypt", str(root)).stdout.splitlines()
     assert len(records) == len(sent)
+    # keys: every worker's keyring is listed, and destroying a key crypto-shreds what it sealed
+    listed = _edgeward("keys", "list", str(root)).stdout
+    assert "worker-0  " in listed and "worker-1  " in listed
+    kid = next(line.split()[1] for line in listed.splitlines() if line.startswith("worker-1  "))
+    destroyed = _edgeward("keys", "destroy", str(root), kid)
+    assert destroyed.returncode == 0 and f"worker-1: data key {kid} destroyed" in destroyed.stdout
+    assert kid not in destroyed.stdout.split("destroyed;", 1)[1]  # gone from the listing that follows
+    assert _edgeward("decrypt", str(root)).returncode != 0  # worker-1's vault sealed under it is unreadable
+    assert _edgeward("keys", "destroy", str(root), "0" * 16).returncode != 0  # unknown key: an error
     # tampering with one worker's chain fails the site
     f = min((worker_state_dir(root, 1) / "audit").glob("audit-*.jsonl"))
     lines = f.read_text().splitlines(keepends=True)
