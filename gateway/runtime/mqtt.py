@@ -204,6 +204,14 @@ class MqttClient:
             raise BrokerError(f"subscription refused: {[mqtt5.SubAckReasonCode(c).name for c in codes]}")
         return codes
 
+    async def unsubscribe(self, *filters: str, timeout: float = 10.0) -> list[int]:
+        pid = self._alloc_id()
+        fut: asyncio.Future[mqtt5.UnsubAckPacket] = asyncio.get_running_loop().create_future()
+        self._subacks[pid] = fut  # type: ignore[assignment]
+        self._write_now(mqtt5.UnsubscribePacket(pid, list(filters)).write())
+        ack = await asyncio.wait_for(fut, timeout)
+        return [int(c) for c in ack.reason_codes]
+
     async def disconnect(self) -> None:
         """Clean shutdown: everything queued is written, and a PINGREQ/PINGRESP round trip proves the
         broker has processed our PUBACKs before DISCONNECT (measured: without it Mosquitto can still be
@@ -312,7 +320,7 @@ class MqttClient:
         elif t is mqtt5.ConnAckPacket:
             if self._connack is not None and not self._connack.done():
                 self._connack.set_result(pkt)  # type: ignore[arg-type]
-        elif t is mqtt5.SubAckPacket:
+        elif t is mqtt5.SubAckPacket or t is mqtt5.UnsubAckPacket:
             fut = self._subacks.pop(pkt.packet_id, None)  # type: ignore[attr-defined]
             if fut is not None and not fut.done():
                 fut.set_result(pkt)  # type: ignore[arg-type]

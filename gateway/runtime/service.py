@@ -147,6 +147,9 @@ class GatewayConfig:
     # what is held withdrawn (audited `undelivered`, reason `withheld:detect.burst`), so a burst's
     # size never reaches a destination whole. 0 turns it off. SiteRuntime (edgeward run) sets 30 s.
     burst_hold_s: float = 0.0
+    # Retiring a session no process will use again (`retire_session`): connect as it, unsubscribe,
+    # decide and deliver what it still holds. Used when a site changes its number of workers.
+    drain_only: bool = False
     uplink_down_after_s: float = 5.0  # a connection away this long: the destination is down
     spool_drain_rate: float = 2_000.0  # envelopes/s per destination when a spool drains
 
@@ -428,6 +431,9 @@ class Gateway:
         topic = f"site/{site}/dev/#"
         if self.config.share_group:
             topic = f"$share/{self.config.share_group}/{topic}"
+        if self.config.drain_only:  # take what the session holds, nothing new
+            await self.ingest.unsubscribe(topic, SYS_DROPPED)
+            return
         await self.ingest.subscribe((topic, 1), (SYS_DROPPED, 0))
 
     async def serve(self, stop: asyncio.Event) -> None:
@@ -464,6 +470,26 @@ class Gateway:
             for t in (fsync_task, *helpers):
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
+
+    async def retire_session(self, *, idle_s: float = 2.0, timeout_s: float = 600.0) -> int:
+        """With ``drain_only``: serve until the resumed session has nothing more to give (no message
+        for ``idle_s``), so that closing then delivers and acknowledges all of it. Returns the
+        messages received. The caller deletes the session afterwards (``delete_session``)."""
+        stop = asyncio.Event()
+        serve = asyncio.create_task(self.serve(stop), name="gateway-retire")
+        last, quiet_since = -1, time.monotonic()
+        deadline = quiet_since + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                if self.stats.received != last:
+                    last, quiet_since = self.stats.received, time.monotonic()
+                elif time.monotonic() - quiet_since >= idle_s:
+                    break
+        finally:
+            stop.set()
+            await serve
+        return self.stats.received
 
     async def drain(self, timeout: float = 30.0) -> bool:
         """Wait until every received message is fully acknowledged (for tests and the demo)."""

@@ -98,6 +98,22 @@ async def start_site_broker(
     return broker, operator
 
 
+def single_config(site: Site, policy: Any, port: int, overrides: dict[str, Any] | None = None) -> GatewayConfig:
+    """The single gateway's GatewayConfig (``edgeward run`` without workers)."""
+    user, password = site.gateway_credentials()
+    return GatewayConfig(
+        state_dir=site.root,
+        port=port,
+        username=user,
+        password=password,
+        kek=site.kek,
+        audit_signing_key=site.audit_signing_key(),
+        site_name=site.name,
+        recipient_keys=recipient_keys(site, policy),
+        **{**SITE_DEFAULTS, **(overrides or {})},
+    )
+
+
 def recipient_keys(site: Site, policy: Any) -> dict[str, Any]:
     """Destination -> X25519 public key: the policy's ``recipient_key`` (relative to the policy
     directory) and the site's ``recipients`` in site.json (``edgeward init --recipient``)."""
@@ -142,17 +158,13 @@ class SiteRuntime:
         site = self.site
         self.broker = start_broker_process(site, self.policy, self.operator_password)
         user, password = site.gateway_credentials()
-        gw_config = GatewayConfig(
-            state_dir=site.root,
-            port=self.broker.port,
-            username=user,
-            password=password,
-            kek=site.kek,
-            audit_signing_key=site.audit_signing_key(),
-            site_name=site.name,
-            recipient_keys=recipient_keys(site, self.policy),
-            **{**SITE_DEFAULTS, **self.config_overrides},
-        )
+        gw_config = single_config(site, self.policy, self.broker.port, self.config_overrides)
+        # Worker sessions of an earlier `run --workers N` would keep their share of the traffic:
+        # decide and deliver what they hold, then delete them (gateway/runtime/retire.py).
+        from gateway.runtime.retire import retire_stale_sessions
+
+        await retire_stale_sessions(site, self.policy, self.broker.port, workers=0, log=self.log,
+                                    overrides=self.config_overrides)
         # Published checkpoints are kept by the operator side, outside the gateway's reach.
         self._operator = self.operator_client("edgeward-operator-checkpoints", self._on_operator)
         await self._operator.connect()
@@ -169,9 +181,6 @@ class SiteRuntime:
         self.gateway.pipeline.blocked = frozenset(site.ca().held())
         self._held_watch = asyncio.create_task(self._watch_held(), name="site-held-watch")
         await self.gateway.__aenter__()
-        if any(p.name.startswith("worker-") for p in site.root.iterdir()):
-            self.log("warning: this site ran before with --workers; those workers' persistent sessions may still "
-                     "be subscribed and queue messages (docs/scaling.md, 'Changing N on an existing site')")
         self.log(
             f"site {site.name}: broker devices mTLS 127.0.0.1:{self.device_port}, gateway 127.0.0.1:{self.broker.port}; "
             f"policy {self.policy.revision}"

@@ -135,12 +135,34 @@ def _worker_main(args: _WorkerArgs, state: Any, events: Any) -> None:
                 state.close()
 
 
+def worker_config(site: Site, policy: Any, i: int, port: int, overrides: dict[str, Any] | None = None) -> Any:
+    """Worker ``i``'s GatewayConfig: its own client id, state directory and checkpoint topic, in the
+    site's share group."""
+    from gateway.runtime.service import GatewayConfig
+    from gateway.runtime.site_runner import SITE_DEFAULTS, recipient_keys
+
+    user, password = site.gateway_credentials()
+    return GatewayConfig(
+        state_dir=worker_state_dir(site.root, i),
+        port=port,
+        username=user,
+        password=password,
+        client_id=worker_client_id(i),
+        share_group=SHARE_GROUP,
+        kek=site.kek,
+        audit_signing_key=site.audit_signing_key(),
+        site_name=site.name,
+        checkpoint_topic=worker_checkpoint_topic(i),
+        recipient_keys=recipient_keys(site, policy),
+        **{**SITE_DEFAULTS, **(overrides or {})},
+    )
+
+
 async def _worker_async(args: _WorkerArgs, state: Any, events: Any) -> None:
     from gateway.policy import load_policy
     from gateway.runtime.isolation import isolate
     from gateway.runtime.reload import PolicyReloader
-    from gateway.runtime.service import Gateway, GatewayConfig
-    from gateway.runtime.site_runner import SITE_DEFAULTS, recipient_keys
+    from gateway.runtime.service import Gateway
 
     i, site = args.index, args.site
     tag = f"[w{i}] "
@@ -156,20 +178,7 @@ async def _worker_async(args: _WorkerArgs, state: Any, events: Any) -> None:
     state_dir = worker_state_dir(site.root, i)
     state_dir.mkdir(mode=0o700, exist_ok=True)
     user, password = site.gateway_credentials()
-    config = GatewayConfig(
-        state_dir=state_dir,
-        port=args.port,
-        username=user,
-        password=password,
-        client_id=worker_client_id(i),
-        share_group=SHARE_GROUP,
-        kek=site.kek,
-        audit_signing_key=site.audit_signing_key(),
-        site_name=site.name,
-        checkpoint_topic=worker_checkpoint_topic(i),
-        recipient_keys=recipient_keys(site, policy),
-        **{**SITE_DEFAULTS, **args.overrides},
-    )
+    config = worker_config(site, policy, i, args.port, args.overrides)
     view = state.for_worker(i) if state is not None else None
     if view is not None and view.previous:
         log(f"restarted: {len(view.previous)} keys accepted before the restart may come back from the broker")
@@ -266,6 +275,13 @@ class SiteWorkers:
                                                               checkpoint_filter=CHECKPOINT_TOPIC + "/#",
                                                               operator_password=self.operator_password)
         try:
+            # Sessions of processes that ran here before and will not now (the single gateway, workers
+            # beyond N): decide and deliver what they hold, then delete them, before the workers
+            # subscribe (gateway/runtime/retire.py).
+            from gateway.runtime.retire import retire_stale_sessions
+
+            await retire_stale_sessions(self.site, self.policy, self.broker.port, workers=self.workers,
+                                        log=self.log, overrides=self.config_overrides)
             headroom = self.config_overrides.get("rate_headroom", 2.5)
             self.state = SharedDeviceState(capacity=self.state_capacity, workers=self.workers,
                                            rate=RateBaseline(headroom=headroom) if headroom else None)
@@ -276,12 +292,6 @@ class SiteWorkers:
             await self._shutdown()
             raise
         self._write_workers_file()
-        stale = [f"worker-{i}" for i, _ in worker_dirs(self.site.root) if i >= self.workers]
-        if any(self.site.root.joinpath("audit").glob("audit-*.jsonl")):
-            stale.insert(0, "the single gateway (edgeward-gateway)")
-        if stale:
-            self.log(f"warning: this site ran before as {', '.join(stale)}; those persistent sessions may still "
-                     f"be subscribed and queue messages (docs/scaling.md, 'Changing N on an existing site')")
         self.log(f"site {self.site.name}: broker devices mTLS 127.0.0.1:{self.device_port}, gateway "
                  f"127.0.0.1:{self.gateway_port}; {self.workers} workers (share group {SHARE_GROUP}); "
                  f"policy {self.policy.revision}")
