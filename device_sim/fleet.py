@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import math
 import random
 import ssl
@@ -35,6 +36,13 @@ from device_sim.firmware import HONEST, FirmwareProfile, Outgoing, Will
 from device_sim.truth import FailedRecord, GroundTruth, HostileAction, Outage, SentRecord
 from gateway.catalog import HEALTH_STREAM, RESULT_STREAM
 from gateway.errors import ConfigError
+
+# The MQTT library logs every refused or cut connection of every simulated device (an isolated device
+# retrying prints a TLS alert each time). The fleet records those outcomes in its ground truth
+# instead; the library's own log goes nowhere unless a caller attaches a handler.
+_MQTT_LOG = logging.getLogger("device_sim.mqtt")
+_MQTT_LOG.addHandler(logging.NullHandler())
+_MQTT_LOG.propagate = False
 
 __all__ = ["Fleet", "MOBILE_TYPE"]
 
@@ -348,6 +356,7 @@ class Fleet:
                 timeout=self.connect_timeout_s,
                 keepalive=60,
                 will=aiomqtt.Will(will.topic, will.payload, will.qos, will.retain) if will is not None else None,
+                logger=_MQTT_LOG,
             )
             _watch_pubacks(client, d.puback)
             try:
@@ -458,7 +467,7 @@ class Fleet:
             async with aiomqtt.Client(
                 self.host, self.port, identifier=f"deaddrop-probe-{peer}", username=peer if self.usernames else None,
                 protocol=aiomqtt.ProtocolVersion.V5, clean_start=True, tls_context=tls,
-                timeout=self.connect_timeout_s,
+                timeout=self.connect_timeout_s, logger=_MQTT_LOG,
             ) as c:
                 await c.subscribe(topic, qos=1)
                 async with asyncio.timeout(0.5):
