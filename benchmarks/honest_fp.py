@@ -57,12 +57,14 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from gateway.policy import load_policy
     from gateway.runtime.receiver import DestinationReceiver
     from gateway.runtime.service import Gateway, GatewayConfig
+    from gateway.runtime.site_runner import SITE_DEFAULTS
 
     policy = load_policy(REPO / "policies")
     broker = start_broker(work / "broker")
     try:
         state = work / "gw"
-        gw = Gateway(GatewayConfig(state_dir=state, port=broker.port), policy)  # rate baselines on by default
+        # As a site runs it: rate baselines on, excess volume held (burst_hold_s) before it leaves.
+        gw = Gateway(GatewayConfig(state_dir=state, port=broker.port, **SITE_DEFAULTS), policy)
         isolated: list[str] = []
 
         async def on_isolate(device: str) -> None:  # what a site would do: certificate on hold, disconnect
@@ -92,7 +94,7 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             elapsed = time.monotonic() - t0
             if proc.returncode != 0:
                 raise RuntimeError(f"fleet process exited {proc.returncode}")
-            drained = await gw.drain(timeout=60)
+            drained = await gw.drain(timeout=90)
             want = sum(n for d, n in gw.stats.forwarded.items() if policy.destinations[d].transport == "mqtt")
             deadline = time.monotonic() + 15
             while rx.total < want and time.monotonic() < deadline:
@@ -110,7 +112,8 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     s = gw.stats
     refused = dict(sorted(s.rejected.items()))
     cuts = s.violations.get("detect.image_trailer", 0)
-    fp = sum(refused.values()) + cuts
+    withheld = sum(n for k, n in s.undelivered.items() if ":withheld:" in k)
+    fp = sum(refused.values()) + cuts + withheld
     return {
         "devices": args.devices,
         "minutes": args.minutes,
@@ -122,6 +125,8 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "duplicates": s.duplicates,
         "refused_by_code": refused,
         "image_trailer_cuts": cuts,
+        "held_for_volume": s.held,  # delayed burst_hold_s, not refused: a cost, not a false positive
+        "withheld": withheld,
         "false_positives": fp,
         "false_positive_rate": (fp / s.received) if s.received else 0.0,
         "alerts": dict(sorted(alerts.items())),
@@ -148,6 +153,7 @@ def _table(r: dict[str, Any]) -> str:
         ("refused by a guard or detector", (", ".join(f"{k} {v}" for k, v in r["refused_by_code"].items())
                                             or "none")),
         ("image trailer cuts", str(r["image_trailer_cuts"])),
+        ("held for volume (delayed) / withheld", f"{r['held_for_volume']:,} / {r['withheld']}"),
         ("FALSE POSITIVES", f"{r['false_positives']} ({r['false_positive_rate'] * 100:.4f} %)"),
         ("alerts", ", ".join(f"{k} {v}" for k, v in r["alerts"].items()) or "none"),
         ("devices isolated", str(len(r["isolated"])) + (f" {r['isolated'][:10]}" if r["isolated"] else "")),
