@@ -85,25 +85,35 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     return value
 
 
+_isfinite = math.isfinite
+_Timestamp = msgpack.Timestamp
+
+
 def _check_values(value: object, depth_left: int) -> None:
     """Depth bound and scalar sanity, iteratively (no recursion on untrusted nesting)."""
     stack: list[tuple[object, int]] = [(value, depth_left)]
+    pop, push = stack.pop, stack.append
     while stack:
-        v, left = stack.pop()
+        v, left = pop()
         t = type(v)
         if t is dict or t is list:
             if left <= 0:
                 raise DecodeError("decode.too_deep", "nesting deeper than the limit")
-            if t is dict and not all(type(k) is str for k in v):  # type: ignore[union-attr]
-                raise DecodeError("decode.key_type", "map keys must be strings")
-            items = v.values() if t is dict else v  # type: ignore[union-attr]
+            if t is dict:
+                for k in v:  # type: ignore[union-attr]
+                    if type(k) is not str:
+                        raise DecodeError("decode.key_type", "map keys must be strings")
+                items = v.values()  # type: ignore[union-attr]
+            else:
+                items = v
             for item in items:  # type: ignore[union-attr]
                 ti = type(item)
                 if ti is dict or ti is list:
-                    stack.append((item, left - 1))
-                elif ti is float and not math.isfinite(item):  # type: ignore[arg-type]
-                    raise DecodeError("decode.non_finite", "NaN or infinity")
-                elif ti is msgpack.Timestamp:
+                    push((item, left - 1))
+                elif ti is float:
+                    if not _isfinite(item):  # type: ignore[arg-type]
+                        raise DecodeError("decode.non_finite", "NaN or infinity")
+                elif ti is _Timestamp:
                     raise DecodeError("decode.ext_type", "timestamps are not accepted")
 
 

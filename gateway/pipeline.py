@@ -114,6 +114,8 @@ class Pipeline:
         self._cache_for: PolicyLike | None = None
         # Per (device, stream) of the current policy: registry entry, type, schema, id check.
         self._lookups: dict[tuple[str, str], tuple[Any, Any, Any, str | None]] = {}
+        # Per topic of a known device under the current policy: (device, stream, its lookup).
+        self._topics: dict[str, tuple[str, str, tuple[Any, Any, Any, str | None]]] = {}
         # Per Decision object (the policy memoises them): its audit routes and the delivery plan.
         self._plans: dict[int, _Plan] = {}
         # Per schema and field names: the facts' ((name, data class), ...) tuple.
@@ -139,6 +141,7 @@ class Pipeline:
     def _new_policy(self, policy: PolicyLike) -> None:
         self._device_cache = {}
         self._lookups = {}
+        self._topics = {}
         self._plans = {}
         self._cache_for = policy
 
@@ -207,14 +210,24 @@ class Pipeline:
         device = stream = ""
         seq = ts = 0
         try:
-            device, stream = parse_topic(topic, policy.site)
+            if self._cache_for is not policy:
+                self._new_policy(policy)
+            hit = self._topics.get(topic)  # a known device's topic under this policy: parsed and looked up
+            if hit is not None:
+                device, stream, known = hit
+            else:
+                device, stream = parse_topic(topic, policy.site)
             if retain:
                 raise RejectedMessage("guard.retained", "devices may not publish retained messages")
             if device in self.blocked:
                 raise RejectedMessage("guard.isolated", "the device is isolated until an operator releases it")
-            known = self._lookup(policy, device, stream)
-            if known is None:
-                raise RejectedMessage("guard.unknown_device", "device is not in the registry")
+            if hit is None:
+                known = self._lookup(policy, device, stream)
+                if known is None:
+                    raise RejectedMessage("guard.unknown_device", "device is not in the registry")
+                if len(self._topics) >= 1_000_000:
+                    self._topics.clear()
+                self._topics[topic] = (device, stream, known)
             entry, dtype, schema, code = known
             if dtype is None or schema is None:
                 raise RejectedMessage("guard.unknown_type", "device type has no schema")
@@ -222,12 +235,13 @@ class Pipeline:
                 raise RejectedMessage(code, "device id level is not <prefix>-<digits>")
             if len(payload) > dtype.max_payload:
                 raise RejectedMessage("guard.too_large", f"{len(payload)} bytes > {dtype.max_payload} for type")
+            now_ms = self.clock_ms()  # one reading for the rate baseline and the timestamp check
             if self.rate is not None:
-                code = self.rate.observe(device, len(payload), self.clock_ms() / 1000, device_type=entry.device_type)
+                code = self.rate.observe(device, len(payload), now_ms / 1000, device_type=entry.device_type)
                 if code:
                     raise RejectedMessage(code, "beyond the device type's normal rate or volume")
             values = decode(payload, self.limits)
-            fields, seq, ts = check_payload(schema, values, now_ms=self.clock_ms())
+            fields, seq, ts = check_payload(schema, values, now_ms=now_ms)
             # Covert channels in allowed fields: bytes after an image's end are cut; free text and ids
             # that look like encoded data are refused.
             fields, trailers = strip_image_trailers(schema, fields)
