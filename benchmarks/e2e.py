@@ -1,6 +1,6 @@
 """Edgeward end to end against the broker's own ceiling, on one machine, in one run.
 
-    python benchmarks/e2e.py [--messages N] [--mix small|images|both] [--quick] [--json]
+    python benchmarks/e2e.py [--messages N] [--mix small|images|both] [--quick] [--json] [--latency-rate R]
 
 Rows (each on a fresh private Mosquitto with Edgeward's rendered config, plus ``queue_qos0_messages``):
 
@@ -37,7 +37,7 @@ recording ack-only subscriber process on edgeward/out/#; it reads envelope heade
 Gateway-added latency = (publish -> destination receipt, per MQTT delivery) minus (publish -> plain
 subscriber receipt), per percentile; the path through the gateway includes the second broker hop, which
 the design imposes. The gateway's own figure (stats.latency_s: ingest receipt -> last uplink PUBACK) is
-shown beside it.
+shown beside it. ``--latency-rate R`` paces at R msg/s instead, to compare two versions at the same load.
 
 Stage profile: as many fresh messages as a throughput row through a stage-timed copy of
 ``Pipeline.process`` in-process (benchmarks/_e2e_profile.py), on a freshly loaded policy like the gateway
@@ -497,6 +497,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny numbers, for a CI smoke run")
     ap.add_argument("--no-latency", action="store_true", help="skip the half-load latency phase")
     ap.add_argument("--latency-seconds", type=float, help="duration of each paced run (default 6; --quick 1)")
+    ap.add_argument("--latency-rate", type=float,
+                    help="pace the latency phase at this many msg/s instead of half the gateway's QoS-1 rate "
+                         "(to compare two versions at the same load)")
     ap.add_argument("--no-uvloop", dest="uvloop", action="store_false", help="run the gateway on the default asyncio loop (the product uses uvloop)")
     ap.add_argument("--proto-fsync-thread", action="store_true",
                     help="PROTOTYPE: the gateway's 1-s fsync in a worker thread (not the product's behaviour)")
@@ -531,9 +534,11 @@ def main() -> None:
         profiles[mix]["gateway_cpu_us"] = gw1["cpu_us_per_msg"]
         profiles[mix]["mqtt_adapter_us"] = gw1["cpu_us_per_msg"] - profiles[mix]["pipeline_us"]
         if mix == "small" and not a.no_latency:
-            rate = gw1["msgs_per_s"] / 2
-            log(f"[latency] paced at {rate:,.0f} msg/s (50 % of the gateway's QoS-1 rate) for {lat_s:g}s ...")
+            rate = a.latency_rate or gw1["msgs_per_s"] / 2
+            log(f"[latency] paced at {rate:,.0f} msg/s ({rate / gw1['msgs_per_s']:.0%} of the gateway's QoS-1 rate)"
+                f" for {lat_s:g}s ...")
             latency = latency_phase(maker.make(max(50, int(rate * lat_s)), "small"), rate, policy)
+            latency["of_gateway_rate"] = rate / gw1["msgs_per_s"]
     for mix in mixes:
         c1 = next(r for r in results if r["mix"] == mix and r["kind"] == "c" and r["qos"] == 1)["msgs_per_s"]
         for r in results:
@@ -582,7 +587,9 @@ def report(meta: dict[str, Any], results: list[dict[str, Any]], latency: dict[st
         print_table(["stage", "µs/msg"], rows)
     if latency:
         L = latency
-        print(f"\nlatency at half load: {L['rate']:,.0f} msg/s paced, small mix, QoS 1, {L['messages']} msgs "
+        load = "half load" if L.get("of_gateway_rate") is None or abs(L["of_gateway_rate"] - 0.5) < 0.01 \
+            else f"{L['of_gateway_rate']:.0%} of the gateway's rate"
+        print(f"\nlatency at {load}: {L['rate']:,.0f} msg/s paced, small mix, QoS 1, {L['messages']} msgs "
               f"(lost {L['lost']}, dups {L['dups']}, gateway RSS {L['rss_mb']:.0f} MB)")
         print_table(["path", "p50 ms", "p99 ms"], [
             ["publisher -> plain subscriber", f"{L['plain_p50_ms']:.2f}", f"{L['plain_p99_ms']:.2f}"],
