@@ -6,6 +6,9 @@ Faults (seeded schedule, one at a time): the ingest broker restarts (same port, 
 gateway is kill -9'd and restarted (its state dir persists), the destinations' broker is cut for
 longer than ``uplink_down_after_s``, and (``--disk-fill``, root only) the gateway's state dir -- a
 tmpfs mounted here (--tmpfs-mb, 256 MiB by default) -- is filled with a ballast file until ENOSPC, held, then freed.
+With ``--overlap`` a fifth kind overlaps two faults: the ingest broker restarts and the gateway is
+kill -9'd a few seconds later, while what it decided before the restart may still wait in a re-timing
+batch (the broker's redeliveries of those messages are duplicates to the gateway).
 
 Nothing is taken from the gateway's own counters (they die with kill -9): decisions come from the
 audit log (records with "routes"), drops from its ``undelivered`` records, deliveries from a
@@ -119,6 +122,7 @@ class ChaosConfig:
     down_after_s: float = 1.0
     settle_timeout_s: float = 60.0
     keep_state: bool = False  # copy the state dir out of the tmpfs before it is unmounted
+    overlap: bool = False  # also "ingest_then_kill": an ingest restart, then kill -9 within one batch
     progress: Callable[[str], None] | None = None
     progress_every_s: float = 5.0
 
@@ -198,6 +202,16 @@ async def _fault(r: _Run, kind: str, rng: random.Random) -> None:
         await asyncio.to_thread(r.gw.wait)
         await asyncio.sleep(rng.uniform(0.3, 1.0))
         await _start_gateway(r)
+    elif kind == "ingest_then_kill":
+        assert r.gw is not None
+        r.ingest.stop()
+        await asyncio.sleep(rng.uniform(0.5, 1.5))
+        await asyncio.to_thread(r.ingest.start)
+        await asyncio.sleep(rng.uniform(1.0, 4.0))  # the gateway is back, its batches not all released
+        os.kill(r.gw.pid, signal.SIGKILL)
+        await asyncio.to_thread(r.gw.wait)
+        await asyncio.sleep(rng.uniform(0.3, 1.0))
+        await _start_gateway(r)
     elif kind == "dest_outage":
         r.dest.stop()
         await asyncio.sleep(rng.uniform(r.cfg.down_after_s + 1.5, r.cfg.down_after_s + 3.0))
@@ -218,7 +232,7 @@ async def _fault(r: _Run, kind: str, rng: random.Random) -> None:
 async def _chaos(r: _Run, stop: asyncio.Event) -> None:
     cfg = r.cfg
     rng = random.Random(cfg.seed * 7919 + 1)
-    kinds = list(KINDS) + (["disk_fill"] if r.ballast is not None else [])
+    kinds = list(KINDS) + (["disk_fill"] if r.ballast is not None else []) + (["ingest_then_kill"] if cfg.overlap else [])
     first = kinds[:]
     rng.shuffle(first)
     if cfg.once:
@@ -325,13 +339,18 @@ def reconcile(records: list[dict[str, Any]], truth: Any, rx: DestinationReceiver
     }
 
 
-def _settled(r: _Run, truth: Any, records: list[dict[str, Any]] | None) -> bool:
+def _all_decided(truth: Any, records: list[dict[str, Any]] | None) -> bool:
     if records is None:
         return False
     decided = {(x["dev"], x["seq"]) for x in records if "event" not in x and "dev" in x}
-    if any((t.device_id, t.seq) not in decided for t in truth.sent_records):
+    return all((t.device_id, t.seq) in decided for t in truth.sent_records)
+
+
+def _settled(r: _Run, truth: Any, records: list[dict[str, Any]] | None,
+             st: dict[str, Any] | None = None) -> bool:
+    if not _all_decided(truth, records):
         return False
-    st = _status(r)
+    st = _status(r) if st is None else st
     if not st or st.get("awaiting_uplink_ack") or st.get("uplink_backlog"):
         return False
     for d in REMOTE:
@@ -339,6 +358,29 @@ def _settled(r: _Run, truth: Any, records: list[dict[str, Any]] | None) -> bool:
         if row.get("state") != "up" or row.get("backlog") or row.get("batch") or row.get("in_flight"):
             return False
     return True
+
+
+RX_QUIET_S = 8.0
+
+
+async def _status_after(r: _Run, t: float, timeout: float = 3.0) -> dict[str, Any]:
+    """The first status.json written after wall time ``t`` ({} if none within ``timeout``)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        st = _status(r)
+        if st.get("t", 0.0) > t:
+            return st
+        await asyncio.sleep(0.1)
+    return {}
+
+
+async def _quiet(rx: DestinationReceiver, quiet_s: float, step: float = 0.5) -> None:
+    """Wait until the receiver has taken nothing new for ``quiet_s``."""
+    before, since = rx.total, time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        await asyncio.sleep(step)
+        if rx.total != before:
+            before, since = rx.total, time.monotonic()
 
 
 async def run_chaos(cfg: ChaosConfig, workdir: Path) -> dict[str, Any]:
@@ -395,20 +437,22 @@ async def run_chaos(cfg: ChaosConfig, workdir: Path) -> dict[str, Any]:
         deadline = time.monotonic() + cfg.settle_timeout_s
         settled = False
         while time.monotonic() < deadline:
-            if _settled(r, truth, _read_audit(r.state)):
+            # status.json is written every 0.5 s: judge the queues by one written after the audit was
+            # read, or a message decided (and queued for its re-timing batch) in between looks settled
+            t_read = time.time()
+            records = _read_audit(r.state)
+            if _all_decided(truth, records) and _settled(r, truth, records, await _status_after(r, t_read)):
                 settled = True
                 break
             await asyncio.sleep(0.5)
-        before = -1
-        while rx.total != before:  # the last batches reaching the receiver
-            before = rx.total
-            await asyncio.sleep(0.7)
+        # the last batches reaching the receiver: quiet for longer than one re-timing batch (<= 1.5 x 5 s)
+        await _quiet(rx, RX_QUIET_S)
         if prog is not None:
             prog.cancel()
         assert r.gw is not None
         r.gw.send_signal(signal.SIGTERM)
         await asyncio.to_thread(r.gw.wait, 30)
-        await asyncio.sleep(0.3)
+        await _quiet(rx, 2.0)  # a graceful stop releases what is left in the batches
         await rx.stop()
         records = _read_audit(r.state) or []
         out = reconcile(records, truth, rx, r.lives)
@@ -477,15 +521,19 @@ def main() -> int:
     ap.add_argument("--rate-scale", type=float, default=4.0)
     ap.add_argument("--disk-fill", action="store_true")
     ap.add_argument("--tmpfs-mb", type=int, default=256,
-                    help="size of the state dir's tmpfs with --disk-fill (64 fills up with vault data within 2 min)")
+                    help="size of the state dir's tmpfs with --disk-fill (the vault grows ~0.75 MB/s with the "
+                         "default fleet: 64 fills up within 2 min, a 30-minute run needs ~2048)")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON (progress goes to stderr)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--overlap", action="store_true",
+                    help="add the overlapping fault: ingest restart, then kill -9 within one re-timing batch")
     a = ap.parse_args()
     if a.disk_fill and os.geteuid() != 0:
         print("disk-fill skipped: not root (mount needs it)", file=sys.stderr)
         a.disk_fill = False
     cfg = ChaosConfig(seconds=a.minutes * 60, devices=a.devices, seed=a.seed, rate_scale=a.rate_scale, once=False,
                       disk_fill=a.disk_fill, tmpfs_mb=a.tmpfs_mb, keep_state=a.keep, settle_timeout_s=120,
+                      overlap=a.overlap,
                       progress=lambda s: print(s, file=sys.stderr if a.json else sys.stdout, flush=True),
                       progress_every_s=10.0)
     work = Path(tempfile.mkdtemp(prefix="edgeward-chaos-"))
