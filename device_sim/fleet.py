@@ -229,7 +229,10 @@ class Fleet:
                     d.seq += 1
                     d.outbox.append((HEALTH_STREAM, d.seq, time.time()))
                     next_health += self.health_interval_s
-                if d.client is not None and d.outbox:
+                if d.outbox and (d.client is not None or back_at == math.inf):
+                    # Connected, or the connection was lost under a publish (not a scheduled drop):
+                    # _flush reconnects with backoff, as _send promises. Otherwise a broker restart
+                    # silenced the device until the end-of-run drain.
                     await self._flush(d, deadline=stop_at + self.drain_timeout_s)
             await self._finish(d, loop.time() + self.drain_timeout_s, down_wall)
         finally:

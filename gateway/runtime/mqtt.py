@@ -152,6 +152,7 @@ class MqttClient:
         loop = asyncio.get_running_loop()
         self.closed = loop.create_future()
         self._connack = loop.create_future()
+        self._out.clear()  # nothing written for an earlier connection goes out on this one
         try:
             await asyncio.wait_for(
                 loop.create_connection(lambda: _Protocol(self), self.host, self.port, ssl=self.ssl), timeout
@@ -180,8 +181,9 @@ class MqttClient:
         self.connected = True
         self.session_present = ack.session_present
         self._window = max(1, ack.receive_max)
-        # After a reconnect, everything unacknowledged goes again (DUP set), oldest first.
-        self._out.clear()
+        # After a reconnect, everything unacknowledged goes again (DUP set), oldest first. What _out
+        # holds now was written for this connection: a resumed session redelivers together with the
+        # CONNACK, before `connected` is set, and the owner's PUBACKs for those messages wait here.
         resend = list(self._inflight.items())
         self._inflight.clear()
         # in their original order, ahead of anything still waiting (extendleft reverses, hence reversed)

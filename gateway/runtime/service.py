@@ -322,8 +322,13 @@ class Gateway:
             password=config.password,
             on_ack=lambda pid: self._on_uplink_ack(self._default_link, pid),
         )
-        # ingest pid -> [outstanding destination acknowledgements, t0]
-        self._pending: dict[int, list[float]] = {}
+        # ingest pid -> [outstanding destination acknowledgements, t0, device, seq]
+        self._pending: dict[int, list[Any]] = {}
+        # (device, seq) -> [outstanding, t0, ingest pid of its redelivery or None, that pid's generation]:
+        # messages whose ingest connection broke while their deliveries were still on the way. The
+        # broker redelivers them, dedupe calls the redelivery a duplicate, and its PUBACK must wait
+        # for those deliveries as the first one did (a kill -9 in between would lose them).
+        self._orphans: dict[tuple[str, int], list[Any]] = {}
         self._kek = kek
         self._default_link = _Link("default", self.uplink)
         self._links: dict[tuple[str, int] | None, _Link] = {None: self._default_link}
@@ -495,7 +500,8 @@ class Gateway:
         """Wait until every received message is fully acknowledged (for tests and the demo)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self._pending and not any(link.client.pending_out for link in self._links.values()) \
+            if not self._pending and not self._orphans \
+                    and not any(link.client.pending_out for link in self._links.values()) \
                     and not any(ob.queue for ob in self.outboxes.values()):
                 return True
             await asyncio.sleep(0.02)
@@ -567,7 +573,12 @@ class Gateway:
 
     def _reset_pending(self) -> None:
         # Acks for a dead ingest connection are meaningless: the broker redelivers those messages,
-        # and dedupe recognises the ones whose deliveries already went out.
+        # and dedupe recognises them. Those whose deliveries are still on the way become orphans: the
+        # redelivery is acknowledged when they are done, not at once.
+        for o in self._orphans.values():
+            o[2] = None  # a redelivery adopted on the dead connection: the broker sends it again
+        for entry in self._pending.values():
+            self._orphans[(entry[2], entry[3])] = [entry[0], entry[1], None, 0]
         self._pending.clear()
         # _uplink_for stays: the uplink re-sends what was in flight, and each PUBACK still records
         # its delivery as done; the generation keeps those from acknowledging new ingest messages.
@@ -652,7 +663,9 @@ class Gateway:
             audit_append(out.record)
             if m.packet_id is not None:
                 if n_up:
-                    self._pending[m.packet_id] = [n_up, t0]
+                    self._pending[m.packet_id] = [n_up, t0, out.device, out.seq]
+                elif out.duplicate and self._orphans and (orphan := self._orphans.get((out.device, out.seq))):
+                    orphan[2], orphan[3] = m.packet_id, gen  # PUBACKed when its deliveries are done
                 else:
                     ready.append(m.packet_id)
         # Group commit: one write for the audit records, vault frames and spool entries of the whole
@@ -823,7 +836,10 @@ class Gateway:
     def _settle(self, ref: tuple[Any, ...]) -> None:
         """One destination of an ingest message is taken care of; PUBACK the message once all are."""
         gen, ingest_pid = ref[0], ref[1]
-        if gen != self._generation or ingest_pid is None:
+        if ingest_pid is None:
+            return
+        if gen != self._generation:
+            self._settle_orphan(ref)
             return
         entry = self._pending.get(ingest_pid)
         if entry is None:
@@ -840,6 +856,27 @@ class Gateway:
             lat = self.stats.latency_s
             if len(lat) < 200_000:
                 lat.append(time.monotonic() - entry[1])
+
+    def _settle_orphan(self, ref: tuple[Any, ...]) -> None:
+        """A delivery of a message from an earlier ingest connection is taken care of: once all are,
+        PUBACK its redelivery (if it came on the current connection; otherwise the next one will)."""
+        key = (ref[2], ref[3])
+        orphan = self._orphans.get(key)
+        if orphan is None:
+            return
+        orphan[0] -= 1
+        if orphan[0] > 0:
+            return
+        del self._orphans[key]
+        pid = orphan[2]
+        if pid is None or orphan[3] != self._generation:
+            return  # not redelivered yet: the redelivery is a duplicate with nothing outstanding
+        if self._disk_full is not None:
+            self._held_acks.append(pid)
+            return
+        self.ingest.ack(pid)
+        self._schedule_flush()
+        self.stats.acked += 1
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self._loop is not None:
