@@ -310,6 +310,10 @@ def _technique_table(t: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _ms(v: float) -> str:
+    return f"{v / 1000:.1f} s" if v >= 1000 else f"{v:.1f} ms"
+
+
 def format_summary(r: dict[str, Any]) -> str:
     ok = "yes" if r["audit_ok"] else "NO"
     lines = [
@@ -331,7 +335,7 @@ def format_summary(r: dict[str, Any]) -> str:
         *([_technique_table(r["techniques"])] if "techniques" in r else []),
         f"  lost              {r['lost']}",
         f"  duplicates        {r['duplicates']}",
-        f"  latency           p50 {r['latency_ms']['p50']} ms, p99 {r['latency_ms']['p99']} ms "
+        f"  latency           p50 {_ms(r['latency_ms']['p50'])}, p99 {_ms(r['latency_ms']['p99'])} "
         f"({r['latency_ms']['basis']})",
         f"  bad input         {r['bad_inputs'].get('sent', 0)} sent as a real device, "
         f"{r['bad_inputs'].get('refused_by_broker', 0)} refused by the broker's ACL, the rest blocked above",
