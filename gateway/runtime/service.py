@@ -337,6 +337,7 @@ class Gateway:
         self._disk_full: str | None = None
         self._disk_full_episode: list[float] | None = None  # [started, last alerted, failed retries]
         self._probation: dict[str, _Probation] = {}
+        self._decision_tally: dict[int, tuple[Any, tuple[str, ...], tuple[str, ...]]] = {}
         self._held_acks: list[int] = []
         self._last_kind_alert: dict[str, float] = {}
         self._generation = 0
@@ -635,12 +636,22 @@ class Gateway:
                 if "trailer_cut" in out.record:
                     self._on_violation(out, m, code="detect.image_trailer")
                 stats.decided += 1
-                assert out.decision is not None
-                for r in out.decision.routes:
-                    if not r.allow:
-                        stats.denied[f"{r.destination}:{r.reason}"] += 1
-                    for _, code in r.removed:
-                        stats.removed[code] += 1
+                decision = out.decision
+                assert decision is not None
+                # What a decision denied and removed, worked out once per Decision object (the policy
+                # shares equal decisions between messages and devices).
+                tally = self._decision_tally.get(id(decision))
+                if tally is None or tally[0] is not decision:
+                    tally = (decision,
+                             tuple(f"{r.destination}:{r.reason}" for r in decision.routes if not r.allow),
+                             tuple(code for r in decision.routes for _, code in r.removed))
+                    if len(self._decision_tally) > 100_000:
+                        self._decision_tally.clear()
+                    self._decision_tally[id(decision)] = tally
+                for key in tally[1]:
+                    stats.denied[key] += 1
+                for code in tally[2]:
+                    stats.removed[code] += 1
             n_up = 0
             held = self._probation_hold(out, t0) if self.config.burst_hold_s and out.deliveries else None
             for d in out.deliveries:
