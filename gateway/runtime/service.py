@@ -338,6 +338,7 @@ class Gateway:
         self._disk_full_episode: list[float] | None = None  # [started, last alerted, failed retries]
         self._probation: dict[str, _Probation] = {}
         self._decision_tally: dict[int, tuple[Any, tuple[str, ...], tuple[str, ...]]] = {}
+        self._nominal: dict[str, tuple[float, float]] = {}  # device type -> (normal msgs/s, slack)
         self._held_acks: list[int] = []
         self._last_kind_alert: dict[str, float] = {}
         self._generation = 0
@@ -1125,25 +1126,21 @@ class Gateway:
     def _probation_hold(self, out: Any, now: float) -> _Probation | None:
         """The device's hold when this message is beyond its normal rate (or older ones still wait:
         a device's order is kept); None when it may go out now."""
-        rate = self.pipeline.rate
         facts = out.facts
-        if rate is None or facts is None:
+        if facts is None:
             return None
+        lim = self._nominal.get(facts.device_type)
+        if lim is None:
+            lim = self._nominal[facts.device_type] = self._nominal_limits(facts.device_type)
+        if not lim[0]:
+            return None  # no baseline for this type: nothing to compare with
         p = self._probation.get(out.device)
         if p is None:
-            try:
-                lim = getattr(rate, "baseline", rate).limits(facts.device_type)
-            except (AttributeError, KeyError):
-                return None  # no baseline for this type: nothing to compare with
-            burst = max(PROBATION_MIN_BURST, PROBATION_BURST_SHARE * lim[1])
-            p = self._probation[out.device] = _Probation(burst, now)
+            p = self._probation[out.device] = _Probation(lim[1], now)
             if len(self._probation) > PROBATION_MAX_DEVICES:
                 self._forget_quiet_probation(now)
         else:
-            lim = getattr(rate, "baseline", rate).limits(facts.device_type)
-            burst = max(PROBATION_MIN_BURST, PROBATION_BURST_SHARE * lim[1])
-            headroom = getattr(getattr(rate, "baseline", rate), "headroom", 1.0) or 1.0
-            p.tokens = min(burst, p.tokens + (now - p.t) * lim[0] / headroom)
+            p.tokens = min(lim[1], p.tokens + (now - p.t) * lim[0])
             p.t = now
         if p.held:
             return p
@@ -1151,6 +1148,18 @@ class Gateway:
             p.tokens -= 1.0
             return None
         return p
+
+    def _nominal_limits(self, device_type: str) -> tuple[float, float]:
+        """(normal messages/s, slack in messages) for a device type: the rate baseline's allowance
+        without its headroom, and a share of its burst. (0, 0) when there is no baseline for it."""
+        rate = self.pipeline.rate
+        base = getattr(rate, "baseline", rate)
+        try:
+            msgs_s, burst = base.limits(device_type)[:2]
+        except (AttributeError, KeyError):
+            return (0.0, 0.0)
+        headroom = getattr(base, "headroom", 1.0) or 1.0
+        return (msgs_s / headroom, max(PROBATION_MIN_BURST, PROBATION_BURST_SHARE * burst))
 
     def _forget_quiet_probation(self, now: float) -> None:
         for dev in [d for d, p in self._probation.items() if not p.held and now - p.t > 600.0]:
