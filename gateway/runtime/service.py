@@ -11,10 +11,12 @@ dedupe keeps each destination from seeing it twice.
 Uplinks: each MQTT destination has an outbox. Envelopes are released in batches whose boundaries
 the gateway draws (each lasts U(0.5, 1.5) x ``retime_ms``), and the header timestamp a re-timed
 destination gets is that boundary, not the device's clock, so the timing of a device's messages
-does not reach a destination (beyond which batch a message fell in). A destination whose connection stays down longer than ``uplink_down_after_s`` is
-declared down: its unacknowledged envelopes move to its spool (``rest_at_edge``) or are dropped with
-``uplink.unreachable``; when it returns, the spool drains in order at ``spool_drain_rate`` before
-anything new is sent directly.
+does not reach a destination (beyond which batch a message fell in); a batch leaves in a random
+interleaving of its devices. Volume beyond a device's normal rate is held ``burst_hold_s`` and
+withdrawn if the device trips its baseline meanwhile. A destination whose connection stays down
+longer than ``uplink_down_after_s`` is declared down: its unacknowledged envelopes move to its spool
+(``rest_at_edge``) or are dropped with ``uplink.unreachable``; when it returns, the spool drains in
+order at ``spool_drain_rate`` before anything new is sent directly.
 
 Bounded queues: when the uplinks fall behind, a spool is full (``when_full: refuse_new``) or a disk
 is full, ingest stops reading (TCP backpressure reaches the broker, which queues for the persistent
@@ -80,13 +82,13 @@ def _since_last_audit_write(directory: Path, now: float) -> float:
     return max(0.0, now - newest) if newest is not None else 0.0
 
 
-_RNG = random.SystemRandom()
+_RNG = random.SystemRandom()  # batch boundaries and interleavings: nothing a device sees predicts them
 # Holding excess volume: a device's normal-rate allowance holds this share of its baseline's burst
 # (at least PROBATION_MIN_BURST messages), refilled at the type's nominal rate (baseline / headroom).
 PROBATION_BURST_SHARE = 0.25
 PROBATION_MIN_BURST = 5.0
 PROBATION_MAX_DEVICES = 200_000
-DISK_FULL_REMIND_S = 60.0  # a disk that stays full is alerted again this often (not on every retry)  # batch boundaries: not predictable from anything a device sees
+DISK_FULL_REMIND_S = 60.0  # a disk that stays full is alerted again this often (not on every retry)
 
 __all__ = ["GatewayConfig", "GatewayStats", "Gateway", "SYS_DROPPED"]
 
