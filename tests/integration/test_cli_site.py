@@ -3,6 +3,7 @@ over mTLS, revoke a device, stop, verify the signed audit, decrypt the vault, li
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,6 +22,23 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _stop_site(run: subprocess.Popen[str], site: Path, timeout: float = 60) -> str:
+    """SIGINT to `edgeward run` and its stderr. If it does not stop in time, kill its process group
+    and the site's broker (its own session) so that no Mosquitto outlives the test; then fail."""
+    os.killpg(run.pid, signal.SIGINT)
+    try:
+        _, err = run.communicate(timeout=timeout)
+        return err
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.communicate()
+        info = site / "broker" / "runtime.json"
+        if info.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError, KeyError):
+                os.kill(int(json.loads(info.read_text())["pid"]), signal.SIGKILL)
+        raise
 
 
 def _edgeward(*args: str, env: dict[str, str], check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -62,8 +80,7 @@ def test_operator_flow(tmp_path: Path) -> None:
         assert status["running"] and status["ingest"] == "connected"
         assert status["stats"]["decided"] == sim["sent"] and status["destinations"]["local_vault"]["forwarded"] == sim["sent"]
     finally:
-        run.send_signal(signal.SIGINT)
-        _, err = run.communicate(timeout=30)
+        err = _stop_site(run, site)
     assert run.returncode == 0, err
     assert _edgeward("status", str(site), env=env, check=False).returncode == 1  # stopped
     stats = json.loads(err.strip().splitlines()[-1])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from device_sim.scenario import load_scenario
-from tests.integration.test_cli_site import REPO, _edgeward, _free_port
+from tests.integration.test_cli_site import REPO, _edgeward, _free_port, _stop_site
 
 SCENARIO = """\
 name: cli-mixed
@@ -54,8 +53,7 @@ def test_sim_scenario_measures_leaks_and_saves_the_run(tmp_path: Path) -> None:
         sim = _edgeward("sim", str(site), "--scenario", str(scenario_file), "--seconds", "12", "--rate-scale", "3",
                         "--save", str(saved), "--json", env=env, timeout=120)
     finally:
-        os.killpg(run.pid, signal.SIGINT)
-        run.wait(timeout=60)
+        _stop_site(run, site)
     assert not (site / "broker" / "operator.secret").exists(), "the operator's secret outlives the broker"
     result = json.loads(sim.stdout)
     tech = result["techniques"]
