@@ -861,15 +861,10 @@ class Gateway:
         entry[0] -= 1
         if entry[0] == 0:
             del self._pending[ingest_pid]
-            if self._disk_full is not None:
-                self._held_acks.append(ingest_pid)
-                return
-            self.ingest.ack(ingest_pid)
-            self._schedule_flush()
-            self.stats.acked += 1
-            lat = self.stats.latency_s
-            if len(lat) < 200_000:
-                lat.append(time.monotonic() - entry[1])
+            if self._ack_ingest(ingest_pid):
+                lat = self.stats.latency_s
+                if len(lat) < 200_000:
+                    lat.append(time.monotonic() - entry[1])
 
     def _settle_orphan(self, ref: tuple[Any, ...]) -> None:
         """A delivery of a message from an earlier ingest connection is taken care of: once all are,
@@ -885,12 +880,17 @@ class Gateway:
         pid = orphan[2]
         if pid is None or orphan[3] != self._generation:
             return  # not redelivered yet: the redelivery is a duplicate with nothing outstanding
+        self._ack_ingest(pid)
+
+    def _ack_ingest(self, pid: int) -> bool:
+        """PUBACK one ingest message, or keep it for later while the disk is full. True when sent."""
         if self._disk_full is not None:
             self._held_acks.append(pid)
-            return
+            return False
         self.ingest.ack(pid)
         self._schedule_flush()
         self.stats.acked += 1
+        return True
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self._loop is not None:
