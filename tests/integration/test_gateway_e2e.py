@@ -147,10 +147,13 @@ async def test_fleet_end_to_end_accounted_projected_encrypted_audited(broker: Mo
     assert len(got) == sum(n for d, n in gw.stats.forwarded.items() if d != "local_vault")
 
     # re-timed uplinks: a header carries the boundary its batch left at, drawn by the gateway, never
-    # the device's millisecond clock; so whole batches share one timestamp, later than every send
+    # the device's millisecond clock; so whole batches share one timestamp, at most 1.5 batches (7.5 s)
+    # after the send. (A message that arrives after a boundary passed but before the deliverer's next
+    # tick leaves with that batch, stamped a few ms before its arrival; hence the lower bound.)
     sent_ms = {(t.device_id, t.seq): t.t_sent * 1000 for t in truth.sent_records}
     for m in rx.messages:
-        assert m.header.ts >= sent_ms[(m.header.device, m.header.seq)] - 5
+        lag = m.header.ts - sent_ms[(m.header.device, m.header.seq)]
+        assert -1000 < lag < 7500 + 2000, (m.header, lag)
     for dest in ("customs_nl", "eu_hub", "vendor_maintenance"):
         stamps = Counter(m.header.ts for m in rx.messages if m.header.destination == dest)
         assert stamps and len(stamps) <= 8 and max(stamps.values()) >= 5, (dest, stamps)
