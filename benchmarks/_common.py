@@ -6,11 +6,14 @@ Benchmark code, not product code: compact, but correct (every count it prints is
 
 from __future__ import annotations
 
+import json
 import os
+import queue
 import socket
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import msgpack
@@ -26,6 +29,7 @@ from gateway.runtime.broker import BrokerConfig, MosquittoBroker, free_port  # n
 __all__ = [
     "BrokerConfig", "MosquittoBroker", "free_port", "start_broker", "proc_cpu_seconds", "MiniClient",
     "KEY", "OUT_TOPIC", "make_message", "make_work", "open_envelope", "percentile", "print_table", "log",
+    "json_lines_reader",
 ]
 
 KEY = bytes(range(32))  # one fixed AES-256 key: benchmark only
@@ -34,6 +38,24 @@ OUT_TOPIC = "edgeward/out/x"
 
 def log(*a: object) -> None:
     print(*a, file=sys.stderr, flush=True)
+
+
+def json_lines_reader(lines: Iterable[str], on_text: Callable[[str], None] | None = None) -> queue.Queue:
+    """A child process's stdout read on a thread: each JSON line goes into the returned queue as an
+    object, ``None`` marks the end; other lines go to ``on_text`` (dropped without one)."""
+    q: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        for line in lines:
+            try:
+                q.put(json.loads(line))
+            except ValueError:
+                if on_text is not None:
+                    on_text(line.rstrip())
+        q.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return q
 
 
 def start_broker(workdir: Path) -> MosquittoBroker:

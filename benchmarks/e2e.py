@@ -56,7 +56,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import types
 import time
 from collections import Counter
@@ -66,7 +65,7 @@ from typing import Any
 import msgpack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MiniClient, log, percentile, print_table, proc_cpu_seconds  # noqa: E402
+from _common import MiniClient, json_lines_reader, log, percentile, print_table, proc_cpu_seconds  # noqa: E402
 from _e2e_roles import EXPIRY, INGEST_FILTER  # noqa: E402
 
 from device_sim import PayloadFactory, make_fleet  # noqa: E402
@@ -134,18 +133,9 @@ class Child:
     def __init__(self, *args: str, timeout: float = 120) -> None:
         self.p = subprocess.Popen([sys.executable, ROLES, *args], stdout=subprocess.PIPE, stderr=None,
                                   text=True, cwd=REPO)
-        self.q: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self.timeout = timeout
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
         assert self.p.stdout is not None
-        for line in self.p.stdout:
-            try:
-                self.q.put(json.loads(line))
-            except ValueError:
-                pass
-        self.q.put(None)
+        self.q: queue.Queue[dict[str, Any] | None] = json_lines_reader(self.p.stdout)
+        self.timeout = timeout
 
     def wait(self, event: str, timeout: float | None = None) -> dict[str, Any]:
         deadline = time.monotonic() + (timeout or self.timeout)

@@ -47,12 +47,10 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from _common import json_lines_reader, log  # noqa: E402
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TCK = os.sysconf("SC_CLK_TCK")
-
-
-def log(*a: object) -> None:
-    print(*a, file=sys.stderr, flush=True)
 
 
 def proc_rss(pid: int) -> int:
@@ -206,18 +204,9 @@ class GatewayProc:
         if no_rate_headroom:
             cmd.append("--no-rate-headroom")
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
-        self.q: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self.last: dict[str, Any] = {}
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
         assert self.p.stdout is not None
-        for line in self.p.stdout:
-            try:
-                self.q.put(json.loads(line))
-            except ValueError:
-                log(line.rstrip())
-        self.q.put(None)
+        self.q: queue.Queue[dict[str, Any] | None] = json_lines_reader(self.p.stdout, on_text=log)
+        self.last: dict[str, Any] = {}
 
     def poll(self) -> list[dict[str, Any]]:
         out = []
