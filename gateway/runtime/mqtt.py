@@ -4,8 +4,10 @@ Chosen by measurement (docs/ingest-choice.md, benchmarks/ingest_compare.py): cli
 the gateway's work, dominated the per-message cost. Here the codec parses and writes packets; this
 module only moves bytes and keeps MQTT's bookkeeping:
 
-- every ``data_received`` parses all complete packets, hands the PUBLISH batch to the owner in one
-  call, and writes everything the batch produced (PUBACKs, uplink PUBLISHes) in one ``write``;
+- every ``data_received`` parses all complete packets and hands the PUBLISHes to the owner in chunks
+  of at most ``chunk`` (64), writing what each chunk produced (PUBACKs, uplink PUBLISHes) in one
+  ``write`` before the next chunk is worked on: a read of hundreds of messages costs a few writes,
+  and the first of them does not wait for the last;
 - outgoing QoS-1 publishes get packet ids, respect the broker's receive maximum (a window; the rest
   waits in order), and are re-sent with the DUP flag after a reconnect until acknowledged;
 - keepalive PINGREQs; CONNACK/SUBACK reason codes checked; a broken connection is reported, and
@@ -95,7 +97,17 @@ class _Protocol(asyncio.Protocol):
             del buf[:pos]
         if batch:
             c.received += len(batch)
-            c._on_messages(batch)
+            if len(batch) <= c.chunk:
+                c._on_messages(batch)
+            else:
+                # One read can hold hundreds of messages. Handing them over in chunks, each committed and
+                # written out (uplink publishes, PUBACKs) before the next is worked on, keeps the first
+                # message of a read from waiting for the last: the chunk bounds the added latency.
+                for i in range(0, len(batch), c.chunk):
+                    c._on_messages(batch[i : i + c.chunk])
+                    c.flush()
+                    if c._transport is None or c._transport.is_closing():
+                        break
         c.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -120,6 +132,7 @@ class MqttClient:
         ssl: _ssl.SSLContext | None = None,
         on_messages: OnMessages | None = None,
         on_ack: OnAck | None = None,
+        chunk: int = 64,
     ) -> None:
         self.host, self.port, self.client_id = host, port, client_id
         self.clean_start = clean_start
@@ -129,6 +142,7 @@ class MqttClient:
         self.username, self.password, self.ssl = username, password, ssl
         self._on_messages = on_messages or (lambda batch: None)
         self._on_ack = on_ack or (lambda pid: None)
+        self.chunk = max(1, chunk)  # at most this many PUBLISHes handed over per on_messages call
         self._transport: asyncio.Transport | None = None
         self._out: list[bytes] = []
         self._connack: asyncio.Future[mqtt5.ConnAckPacket] | None = None
