@@ -65,12 +65,14 @@ def worker_main(i: int, n_workers: int, port: int, state_dir: str, shared: Any, 
     async def main() -> None:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        # retime=False, as in benchmarks/e2e.py: the sample policy re-times uplinks into batches of 5 s
+        # mean (issue 5), so with it on a row would time the batch boundary, not the workers.
         if n_workers == 1:
-            gw = Gateway(GatewayConfig(state_dir=Path(state_dir), port=port), policy)
+            gw = Gateway(GatewayConfig(state_dir=Path(state_dir), port=port, retime=False), policy)
         else:
             view = shared.for_worker(i)
             gw = Gateway(GatewayConfig(state_dir=Path(state_dir), port=port, client_id=worker_client_id(i),
-                                       share_group=SHARE_GROUP), policy, dedupe=view, rate=view)
+                                       share_group=SHARE_GROUP, retime=False), policy, dedupe=view, rate=view)
         async with gw:
             serve = asyncio.create_task(gw.serve(stop))
             counters[4 * i + 3] = 1  # connected and subscribed
