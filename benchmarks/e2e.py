@@ -206,7 +206,7 @@ def run_c(port: int, n: int, workdir: Path, mfile: Path, qos: int) -> dict[str, 
     out.close()
     lines = (workdir / "sub.out").read_bytes().split()
     return {"received": len(lines), "unique": len(lines), "dups": None, "t_start": fin["t_start"], "t_end": t_end,
-            "pub_seconds": fin["seconds"], "cpu": ru.ru_utime + ru.ru_stime - c0}
+            "pub_seconds": fin["seconds"], "pub_cpu": fin["cpu"], "cpu": ru.ru_utime + ru.ru_stime - c0}
 
 
 def run_py(port: int, n: int, mfile: Path, qos: int) -> dict[str, Any]:
@@ -221,7 +221,7 @@ def run_py(port: int, n: int, mfile: Path, qos: int) -> dict[str, Any]:
         pub.close()
     finally:
         c.close()
-    r.update(t_start=fin["t_start"], t_end=r["t"], pub_seconds=fin["seconds"])
+    r.update(t_start=fin["t_start"], t_end=r["t"], pub_seconds=fin["seconds"], pub_cpu=fin["cpu"])
     return r
 
 
@@ -329,7 +329,7 @@ def run_gateway(port: int, n: int, qos: int, state: Path, uv: bool, mfile: Path)
         final = c.wait("final", 30)
     finally:
         c.close()
-    done.update(t_start=fin["t_start"], t_end=done["t"], pub_seconds=fin["seconds"])
+    done.update(t_start=fin["t_start"], t_end=done["t"], pub_seconds=fin["seconds"], pub_cpu=fin["cpu"])
     return done, final
 
 
@@ -357,7 +357,7 @@ def throughput_row(kind: str, qos: int, msgs: list[tuple[str, bytes]], keys: lis
             else:
                 state = root / "gw"
                 done, final = run_gateway(port, n, qos, state, uv, mfile)
-                r = {k: done[k] for k in ("received", "cpu", "t_start", "t_end", "pub_seconds")}
+                r = {k: done[k] for k in ("received", "cpu", "t_start", "t_end", "pub_seconds", "pub_cpu")}
             b_cpu = proc_cpu_seconds(broker.proc.pid) - b0  # type: ignore[union-attr]
             if kind == "gw":
                 s = final["stats"]
@@ -386,6 +386,12 @@ def throughput_row(kind: str, qos: int, msgs: list[tuple[str, bytes]], keys: lis
     r["mb_per_s"] = mb / r["seconds"] if r["seconds"] else 0.0
     r["cpu_us_per_msg"] = r["cpu"] / n * 1e6
     r["broker_us_per_msg"] = b_cpu / n * 1e6
+    # Every process of the row on this machine (consumer + broker + publisher): how many messages a second
+    # its CPUs could carry of this row at most, however fast the consumer. The gateway's uplinks go back
+    # through the same broker (~2 deliveries a message), so its row costs the broker ~3 publishes a message.
+    r["pub_us_per_msg"] = r.get("pub_cpu", 0.0) / n * 1e6
+    r["all_us_per_msg"] = r["cpu_us_per_msg"] + r["broker_us_per_msg"] + r["pub_us_per_msg"]
+    r["machine_bound_msgs_per_s"] = (os.cpu_count() or 1) * 1e6 / r["all_us_per_msg"] if r["all_us_per_msg"] else 0.0
     log(f"  [{name} QoS {qos}] {r['msgs_per_s']:,.0f} msg/s ({r['mb_per_s']:.1f} MB/s; publisher done at "
         f"{r['pub_seconds']:.2f}s of {r['seconds']:.2f}s), {r['cpu_us_per_msg']:.0f} µs CPU/msg, lost {r['lost']}, "
         f"dups {r['dups']}, unacked {unacked}" + (f", gateway reconnects {r['reconnects']}" if "reconnects" in r else ""))
@@ -581,11 +587,14 @@ def report(meta: dict[str, Any], results: list[dict[str, Any]], latency: dict[st
         for r in (r for r in results if r["mix"] == mix):
             rows.append([r["name"], r["qos"], r["messages"], f"{r['msgs_per_s']:,.0f}", f"{r['mb_per_s']:.1f}",
                          f"{r['vs_c_qos1']:.2f}", r["lost"], "-" if r["dups"] is None else r["dups"], r["unacked"],
-                         f"{r['cpu_us_per_msg']:.0f}", f"{r['broker_us_per_msg']:.0f}",
+                         f"{r['cpu_us_per_msg']:.0f}", f"{r['broker_us_per_msg']:.0f}", f"{r['pub_us_per_msg']:.0f}",
+                         f"{r['machine_bound_msgs_per_s']:,.0f}",
                          f"{r['rss_mb']:.0f}/{r['peak_rss_mb']:.0f}" if "rss_mb" in r else "-"])
         print(f"\n{mix} mix, mean payload {size:,.0f} B (live: timed from the first publish to all done)")
         print_table(["consumer", "QoS", "msgs", "msg/s", "MB/s", "vs C q1", "lost", "dups", "unacked",
-                     "CPU µs/msg", "broker µs/msg", "RSS/peak MB"], rows)
+                     "CPU µs/msg", "broker µs/msg", "pub µs/msg", "machine bound", "RSS/peak MB"], rows)
+        print(f"(machine bound = {meta['cpus']} CPUs / (consumer + broker + publisher CPU per message): the most "
+              "this machine could carry of that row however fast the consumer)")
     for mix, p in profiles.items():
         print(f"\nstage profile, {mix} mix ({p['messages']} msgs in-process, "
               f"{p['deliveries_per_msg']:.2f} deliveries/msg), µs per message:")
