@@ -23,3 +23,21 @@ def test_out_of_order_and_jumps_keep_exact_answers_with_bounded_gaps() -> None:
     assert bin(d._state["a"][1]).count("1") == 7
     assert d.is_new("a", 10**12 - 3) and not d.is_new("a", 10**12 - 3)
     assert not d.is_new("a", 10**12 - 8)  # beyond the window: treated as seen
+
+
+def test_matches_a_brute_force_model_over_random_jumps_and_reorders() -> None:
+    import random
+
+    rng = random.Random(1)
+    for _ in range(200):
+        w = rng.choice([4, 8, 16, 64])
+        d, seen, high = DedupeWindow(window=w), set(), None
+        for _ in range(300):
+            base = 100 if high is None else high
+            s = max(1, base + (rng.randint(-2 * w, 3 * w) if rng.random() < 0.9 else rng.randint(0, 10 * w)))
+            expected = high is None or s > high or (s > high - w and s not in seen)
+            assert d.is_new("a", s) == expected, (w, s, high)
+            if expected:
+                seen.add(s)
+                high = s if high is None or s > high else high
+
