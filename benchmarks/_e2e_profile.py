@@ -79,6 +79,7 @@ def _timed_process(p: Pipeline, topic: str, payload: bytes, acc: dict[str, int])
     t1 = ns(); acc["policy"] += t1 - t; t = t1
     header_ts = p.header_ts
     plaintexts: dict[int, bytes] | None = {} if plan.shared else None
+    hidden_seq: bytes | None = None
     for route, names, quantize, transport, prefix, group in plan.allowed:
         plaintext = plaintexts.get(group) if plaintexts is not None else None
         if plaintext is None:
@@ -91,7 +92,14 @@ def _timed_process(p: Pipeline, topic: str, payload: bytes, acc: dict[str, int])
                 plaintexts[group] = plaintext
         t1 = ns(); acc["project+encode"] += t1 - t; t = t1
         hts = header_ts(route.destination) if header_ts is not None else None
-        header = pack_header(device, stream, seq, ts if hts is None else hts, route.destination, decision.revision)
+        if prefix is not None and p.seq_ids is not None:
+            if hidden_seq is None:
+                hidden_seq = p.seq_ids.hide(device, seq)
+            header = pack_header(device, stream, hidden_seq, ts if hts is None else hts, route.destination,
+                                 decision.revision)
+        else:
+            header = pack_header(device, stream, seq, ts if hts is None else hts, route.destination,
+                                 decision.revision)
         sealer = p.recipients.get(route.destination)
         envelope = (seal_packed(p.keyring, header, plaintext) if sealer is None
                     else sealer.seal_packed(header, plaintext))
@@ -111,7 +119,7 @@ def _timed_process(p: Pipeline, topic: str, payload: bytes, acc: dict[str, int])
 
 def _fresh(root: Path, policy: Any) -> tuple[Pipeline, AuditLog, VaultWriter]:
     kr = DataKeyring(root / "keys" / "datakeys.jsonl", load_or_create_kek(root / "keys" / "kek.key"))
-    return (Pipeline(policy, kr, clock_ms=lambda: int(time.time() * 1000)), AuditLog(root / "audit"),
+    return (Pipeline(policy, kr, clock_ms=lambda: int(time.time() * 1000), seq_ids=kr.seq_ids), AuditLog(root / "audit"),
             VaultWriter(root / "vault"))
 
 

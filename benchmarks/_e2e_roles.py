@@ -130,7 +130,7 @@ def _fsync_off_loop(gw: object) -> None:
 
 
 # ------------------------------------------------------------------------------------------ ack-only subscriber
-def _seq_of(payload: bytes) -> int:
+def _seq_of(payload: bytes) -> int | str:
     # device_sim encodes {"seq": ..., ...} first: map header, fixstr "seq", then the uint
     if payload[1:5] == b"\xa3seq":
         b = payload[5]
@@ -140,8 +140,9 @@ def _seq_of(payload: bytes) -> int:
     import msgpack
 
     m = msgpack.unpackb(payload)
-    if "h" in m:  # an envelope: the header's third item is the sequence
-        return int(msgpack.unpackb(m["h"])[2])
+    if "h" in m:  # an envelope: the header's third item is the sequence, hidden (bytes) for MQTT destinations
+        q = msgpack.unpackb(m["h"])[2]
+        return q.hex() if isinstance(q, bytes) else int(q)
     return int(m["seq"])
 
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import pickle
@@ -72,6 +73,7 @@ from device_sim import PayloadFactory, make_fleet  # noqa: E402
 from device_sim.devices import encode as dev_encode  # noqa: E402
 from gateway.audit.chain import iter_records  # noqa: E402
 from gateway.crypto.keys import DataKeyring, load_or_create_kek  # noqa: E402
+from gateway.crypto.seqid import SeqIds  # noqa: E402
 from gateway.policy import load_policy  # noqa: E402
 from gateway.runtime.broker import BrokerConfig, MosquittoBroker, free_port  # noqa: E402
 from gateway.runtime.receiver import DestinationReceiver  # noqa: E402
@@ -232,6 +234,10 @@ class SiteKeys:
     def __init__(self, state: Path) -> None:
         self.state = state
         self.ring: DataKeyring | None = None
+
+    @functools.cached_property
+    def seq_ids(self) -> SeqIds:
+        return SeqIds.from_kek(load_or_create_kek(self.state / "keys" / "kek.key"))
 
     def get(self, kid: str) -> Any:
         try:
@@ -474,7 +480,11 @@ def latency_phase(msgs: list[tuple[str, bytes]], rate: float, policy: Any) -> di
         finally:
             broker.stop()
         t_sent2 = {k: t for k, t in zip(keys, sent2)}
-        recv = json.loads((root / "dst.json").read_text())
+        # The recorder read each header's sequence as the destination does (hidden, hex); the site's key
+        # reads the device's sequence back, to match each delivery with its publish.
+        ids = SeqIds.from_kek(load_or_create_kek(state / "keys" / "kek.key"))
+        recv = [(topic, ids.reveal(topic.split("/")[3], bytes.fromhex(s)) if isinstance(s, str) else s, t)
+                for topic, s, t in json.loads((root / "dst.json").read_text())]
         through = [t - t_sent2[(topic.split("/")[3], s)] for topic, s, t in recv]
         out["timeline"] = _timeline([(t_sent2[(topic.split("/")[3], s)], t) for topic, s, t in recv])
         seen: set[tuple[str, str, str, int]] = set()

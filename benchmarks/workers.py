@@ -45,6 +45,7 @@ from _common import log, print_table, proc_cpu_seconds
 from e2e import DEST_ID, AuditTally, MessageMaker, key_of, prime, run_pub, start_broker, throughput_row
 
 from gateway.crypto.keys import DataKeyring, load_or_create_kek
+from gateway.crypto.seqid import SeqIds
 from gateway.policy import load_policy
 from gateway.runtime.receiver import DestinationReceiver
 from gateway.vault import read_vault
@@ -97,6 +98,18 @@ class _Keys:
     def __init__(self, dirs: list[Path]) -> None:
         self.dirs = dirs
         self.rings: list[DataKeyring] = []
+        self.seq_ids = self  # reveal() below: a destination header's hidden sequence, under any worker's key
+        self._ids: list[SeqIds] = []
+
+    def reveal(self, device: str, blob: bytes) -> int | None:
+        # Here each worker has its own state directory and KEK (a site's workers share one, and one key).
+        if not self._ids:
+            self._ids = [SeqIds.from_kek(load_or_create_kek(d / "keys" / "kek.key")) for d in self.dirs]
+        for ids in self._ids:
+            seq = ids.reveal(device, blob)
+            if seq is not None:
+                return seq
+        return None
 
     def get(self, kid: str) -> Any:
         for attempt in range(2):

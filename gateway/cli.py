@@ -302,6 +302,7 @@ class _ReloadingKeyring:
 
         self._path, self._kek = path, kek
         self._ring = DataKeyring(path, kek)
+        self.seq_ids = self._ring.seq_ids  # reads the device's sequence behind a destination's header
 
     def get(self, kid: str) -> Any:
         from gateway.crypto.keys import DataKeyring

@@ -21,6 +21,7 @@ from gateway.catalog import DEVICE_TYPES, schema_for
 from gateway.codec import DEFAULT_LIMITS, Limits, decode, pack_canonical
 from gateway.crypto.envelope import pack_header, seal_packed
 from gateway.crypto.keys import DataKeyring
+from gateway.crypto.seqid import SeqIds
 from gateway.dedupe import DedupeWindow
 from gateway.detect import RateBaseline, device_id_suspicious, scan_text_fields, strip_image_trailers
 from gateway.errors import RejectedMessage
@@ -98,8 +99,12 @@ class Pipeline:
         recipients: Mapping[str, Any] | None = None,
         rate: RateBaseline | None = None,
         enforce_rate: bool = True,
+        seq_ids: SeqIds | None = None,
     ) -> None:
         self.policy = policy
+        # The sequence an MQTT destination sees: the device's own hidden under the site's key
+        # (gateway.crypto.seqid; the gateway always sets it). None: the device's own (unit tests).
+        self.seq_ids = seq_ids
         self.keyring = keyring
         self.limits = limits
         self.dedupe = dedupe if dedupe is not None else DedupeWindow()
@@ -279,6 +284,8 @@ class Pipeline:
         revision = decision.revision
         deliveries = out.deliveries
         plaintexts: dict[int, bytes] | None = {} if plan.shared else None
+        seq_ids = self.seq_ids
+        hidden_seq: bytes | None = None
         for route, names, quantize, transport, prefix, group in plan.allowed:
             plaintext = plaintexts.get(group) if plaintexts is not None else None
             if plaintext is None:
@@ -290,7 +297,13 @@ class Pipeline:
                 if plaintexts is not None:
                     plaintexts[group] = plaintext
             hts = header_ts(route.destination) if header_ts is not None else None
-            header = pack_header(device, stream, seq, ts if hts is None else hts, route.destination, revision)
+            if prefix is not None and seq_ids is not None:  # leaves the site's own stores: hidden
+                if hidden_seq is None:
+                    hidden_seq = seq_ids.hide(device, seq)
+                header = pack_header(device, stream, hidden_seq, ts if hts is None else hts, route.destination,
+                                     revision)
+            else:
+                header = pack_header(device, stream, seq, ts if hts is None else hts, route.destination, revision)
             sealer = recipients.get(route.destination)
             if sealer is None:
                 envelope = seal_packed(self.keyring, header, plaintext)

@@ -2,8 +2,9 @@
 
 An envelope is a canonical MessagePack map ``{v, kid, n, h, c}``: format version, the data key's id,
 a random 96-bit nonce, the header, and the AES-256-GCM ciphertext. The header (device, stream,
-sequence, device timestamp, destination, policy revision) travels in clear so the receiver can route
-and deduplicate, and it is the AEAD's associated data: changing any byte of it, or moving an envelope
+sequence, timestamp, destination, policy revision) travels in clear so the receiver can route and
+deduplicate (for an MQTT destination the sequence is 16 opaque bytes, gateway.crypto.seqid, and the
+timestamp the re-timing boundary), and it is the AEAD's associated data: changing any byte of it, or moving an envelope
 to another destination, fails authentication. One AESGCM object per data key; nothing is derived per
 message.
 """
@@ -29,7 +30,7 @@ ENVELOPE_VERSION = 1
 class Header:
     device: str
     stream: str
-    seq: int
+    seq: int | bytes  # bytes: hidden under the site's key (MQTT destinations; gateway.crypto.seqid)
     ts: int
     destination: str
     revision: str
@@ -46,7 +47,7 @@ class Header:
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 
-def pack_header(device: str, stream: str, seq: int, ts: int, destination: str, revision: str) -> bytes:
+def pack_header(device: str, stream: str, seq: int | bytes, ts: int, destination: str, revision: str) -> bytes:
     """``Header(...).pack()`` without building the object (the hot path seals ~3 times a message)."""
     return _packb([device, stream, seq, ts, destination, revision])
 

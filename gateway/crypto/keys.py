@@ -22,6 +22,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
+from gateway.crypto.seqid import SeqIds
 from gateway.errors import CryptoError, KeyFileError
 
 __all__ = ["write_secret_file", "read_secret_file", "load_or_create_kek", "DataKey", "DataKeyring"]
@@ -99,7 +100,16 @@ class DataKeyring:
         self._keys: dict[str, DataKey] = {}
         self._destroyed: set[str] = set()
         self._current: DataKey | None = None
+        self._seq_ids: SeqIds | None = None
         self._load()
+
+    @property
+    def seq_ids(self) -> SeqIds:
+        """The site's header-sequence key under this KEK (gateway.crypto.seqid.SeqIds): what the
+        operator's tools use to read the device's sequence behind an MQTT destination's header."""
+        if self._seq_ids is None:
+            self._seq_ids = SeqIds.from_kek(self._kek)
+        return self._seq_ids
 
     def _load(self) -> None:
         if not self.path.exists():

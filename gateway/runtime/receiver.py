@@ -5,10 +5,16 @@ topic tree with a persistent QoS-1 session, opens each envelope with the key it 
 data arrived encrypted and intact), and counts what each destination received, duplicates included,
 with the end-to-end latency from the device's timestamp. With ``keep`` it also keeps every envelope
 it opened, with its arrival time (monotonic), for leak measurements.
+
+A real destination sees 16 opaque bytes where the header's sequence is (gateway.crypto.seqid). This
+stand-in is the operator's tool as well: when its keyring has the site's sequence key (``seq_ids``,
+as a ``DataKeyring`` does) it reads the device's sequence back, so the harnesses can match what
+arrived against ground truth; ``hidden_seqs`` counts the headers that carried a hidden sequence.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -34,6 +40,7 @@ class Received:
     header: Header
     fields: dict[str, Any]
     arrival: float = 0.0
+    wire_seq: int | bytes | None = None  # the header's sequence as the destination saw it (None: header.seq)
 
 
 @dataclass
@@ -53,7 +60,8 @@ class DestinationReceiver:
     openers: dict[str, Any] = field(default_factory=dict)  # destination -> RecipientOpener
     username: str | None = None
     password: bytes | None = field(default=None, repr=False)
-    _seen: set[tuple[str, str, str, int]] = field(default_factory=set)
+    hidden_seqs: int = 0
+    _seen: set[tuple[str, str, str, int | bytes]] = field(default_factory=set)
     _client: MqttClient | None = None
 
     async def start(self) -> None:
@@ -88,6 +96,13 @@ class DestinationReceiver:
             except (CryptoError, Exception):  # noqa: BLE001 - counted, never trusted
                 self.undecryptable += 1
             else:
+                wire_seq = header.seq
+                if type(header.seq) is bytes:
+                    self.hidden_seqs += 1
+                    seq_ids = getattr(self.keyring, "seq_ids", None)
+                    real = seq_ids.reveal(header.device, header.seq) if seq_ids is not None else None
+                    if real is not None:
+                        header = dataclasses.replace(header, seq=real)
                 key = (header.destination, header.device, header.stream, header.seq)
                 if key in self._seen:
                     self.duplicates += 1
@@ -96,6 +111,6 @@ class DestinationReceiver:
                     self.counts[header.destination] += 1
                     self.latencies_ms.append(now * 1000 - header.ts)
                     if self.keep:
-                        self.messages.append(Received(m.topic, header, fields, arrival))
+                        self.messages.append(Received(m.topic, header, fields, arrival, wire_seq))
             if m.packet_id is not None:
                 self._client.ack(m.packet_id)

@@ -300,7 +300,8 @@ class Gateway:
         if rate is None and config.rate_headroom:
             rate = RateBaseline(headroom=config.rate_headroom)
         self.pipeline = Pipeline(policy, self.keyring, clock_ms=lambda: int(clock() * 1000), recipients=recipients,
-                                 dedupe=dedupe, rate=rate, enforce_rate=rate is not None)
+                                 dedupe=dedupe, rate=rate, enforce_rate=rate is not None,
+                                 seq_ids=self.keyring.seq_ids)
         # Only re-timed uplinks stamp their headers; with re-timing off the hot path skips the call.
         self.pipeline.header_ts = self._header_ts if config.retime else None
         # A restart after downtime: the broker holds the fleet's backlog for this session and delivers

@@ -25,6 +25,7 @@ from device_sim import PayloadFactory, make_fleet
 from device_sim.devices import encode as dev_encode
 from gateway.audit.chain import iter_records
 from gateway.crypto.keys import DataKeyring
+from gateway.crypto.seqid import SeqIds
 from gateway.policy import load_policy
 from gateway.runtime.mqtt import MqttClient
 from gateway.runtime.receiver import DestinationReceiver
@@ -45,6 +46,7 @@ class _Rings:
 
     def __init__(self, root: Path, kek: bytes, n: int) -> None:
         self.rings = [DataKeyring(worker_state_dir(root, i) / "keys" / "datakeys.jsonl", kek) for i in range(n)]
+        self.seq_ids = SeqIds.from_kek(kek)  # one site KEK: every worker hides sequences under one key
 
     def get(self, kid: str) -> Any:
         for r in self.rings:
