@@ -48,6 +48,8 @@ __all__ = [
     "TimingChannel",
     "Impersonation",
     "ProhibitedData",
+    "SeqChannel",
+    "seq_channel_decode",
     "PROFILES",
     "PAYLOAD_TECHNIQUES",
     "PROHIBITED_FIELDS",
@@ -546,18 +548,47 @@ class ProhibitedData(HostileProfile):
         return (self._mark(msg, field.encode(), f"field:{field}", payload={**msg.payload, field: value}),)
 
 
+# ------------------------------------------------------------------------------- 14. sequence numbers
+
+
+class SeqChannel(HostileProfile):
+    """Two secret bytes in every message's sequence number: ``seq * 65536 + secret`` (still a valid,
+    strictly increasing sequence, so no guard on the numbering can refuse it; the gaps carry the data).
+    A destination reads the low 16 bits of the header's sequence."""
+
+    name = technique = "seq_channel"
+
+    def shape(self, msg: Outgoing, rng: random.Random) -> Sequence[Outgoing]:
+        # Every message gets the x65536 sequence space, so sequence numbers stay increasing.
+        base = msg.seq << 16
+        if msg.seq % self.every:
+            return (replace(msg, seq=base, payload={**msg.payload, "seq": base}),)
+        secret = self._secret(msg.seq, 2)
+        seq = base | int.from_bytes(secret, "big")
+        return (self._mark(msg, secret, "header:seq", seq=seq, payload={**msg.payload, "seq": seq}),)
+
+
+def seq_channel_decode(wire_seq: Any) -> bytes | None:
+    """What a destination reads out of a header's sequence (``SeqChannel``): its low 16 bits. None for
+    a sequence the gateway hid (16 opaque bytes: without the site's key they say nothing)."""
+    if type(wire_seq) is int and wire_seq >= 0:
+        return (wire_seq & 0xFFFF).to_bytes(2, "big")
+    return None
+
+
 # ------------------------------------------------------------------------------- registry
 
 PROFILES: dict[str, type[HostileProfile]] = {
     p.name: p
     for p in (CovertFields, FreeTextSecrets, LowBits, ImageTrailer, TopicEncoding, ForeignNamespace, DeadDrop,
-              SubscribeProbe, Mqtt5Properties, Burst, SizeModulation, TimingChannel, Impersonation, ProhibitedData)
+              SubscribeProbe, Mqtt5Properties, Burst, SizeModulation, TimingChannel, Impersonation, ProhibitedData,
+              SeqChannel)
 }
 
 # The techniques that live in what is published (payload, topic, properties), not in connection actions.
 PAYLOAD_TECHNIQUES: frozenset[str] = frozenset({
     "covert_field", "free_text", "low_bits", "image_trailer", "topic_encoding", "namespace",
-    "mqtt5_properties", "prohibited_data", "size_modulation", "burst", "dead_drop",
+    "mqtt5_properties", "prohibited_data", "size_modulation", "burst", "dead_drop", "seq_channel",
 })
 
 

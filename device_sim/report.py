@@ -53,7 +53,7 @@ from typing import Any
 
 import msgpack
 
-from device_sim.hostile import lowbit_decode, secret_forms
+from device_sim.hostile import lowbit_decode, secret_forms, seq_channel_decode
 from device_sim.truth import GroundTruth, SentRecord
 from gateway.catalog import schema_for
 from gateway.detect import SUBFIELD_PRECISION
@@ -94,10 +94,15 @@ class Delivered:
     # stream)]
     times: dict[tuple[str, str], list[tuple[int, float | None, int | None, str]]] = field(
         default_factory=lambda: defaultdict(list))
+    # (device, seq, destination) -> the header's sequence as that destination saw it, where it differs
+    # from the device's (the gateway hides it: 16 opaque bytes, gateway.crypto.seqid)
+    wire_seq: dict[tuple[str, int, str], Any] = field(default_factory=dict)
 
     def add(self, destination: str, device: str, stream: str, seq: int, fields: dict[str, Any], topic: str,
-            *, arrival: float | None = None, ts: int | None = None) -> None:
+            *, arrival: float | None = None, ts: int | None = None, wire_seq: Any = None) -> None:
         self.by_msg[(device, seq)].append((destination, stream, fields))
+        if wire_seq is not None and wire_seq != seq:
+            self.wire_seq[(device, seq, destination)] = wire_seq
         self.corpus += msgpack.packb(fields, use_bin_type=True) + b"\0"
         self.names += f"{topic}\0{device}\0".encode()
         if arrival or ts is not None:
@@ -106,7 +111,8 @@ class Delivered:
     def add_received(self, r: Any) -> None:
         """One ``gateway.runtime.receiver.Received`` (header, fields, arrival time)."""
         h = r.header
-        self.add(h.destination, h.device, h.stream, h.seq, r.fields, r.topic, arrival=r.arrival or None, ts=h.ts)
+        self.add(h.destination, h.device, h.stream, h.seq, r.fields, r.topic, arrival=r.arrival or None, ts=h.ts,
+                 wire_seq=getattr(r, "wire_seq", None))
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +162,10 @@ def _leaked(rec: SentRecord, got: Delivered) -> bool:
         return any(dest not in ON_SITE for dest, _, _ in delivered)
     if not secret:
         return False
+    if rec.technique == "seq_channel":  # read where the device put it: the header's sequence, as delivered
+        return any(dest not in ON_SITE
+                   and seq_channel_decode(got.wire_seq.get((rec.device_id, rec.seq, dest), rec.seq)) == secret
+                   for dest, _, _ in delivered)
     if rec.technique == "size_modulation":
         return any(isinstance(v, bytes) and len(v) % 256 == secret[0]
                    for _, _, fields in delivered for v in fields.values())
@@ -545,8 +555,10 @@ def save_run(directory: str | Path, truth: GroundTruth, received: Iterable[Any],
     with _private_writer(d / RUN_FILES["received"]) as f:
         for r in received:
             h = r.header
+            wire = getattr(r, "wire_seq", None)
             f.write(json.dumps({"destination": h.destination, "device": h.device, "stream": h.stream,
                                 "seq": h.seq, "ts": h.ts, "topic": r.topic, "arrival": r.arrival or None,
+                                "wire_seq": wire.hex() if isinstance(wire, bytes) else wire,
                                 "fields": base64.b64encode(msgpack.packb(r.fields, use_bin_type=True)).decode()})
                     + "\n")
         for h, fields in vault:
@@ -597,8 +609,9 @@ def load_run(directory: str | Path) -> tuple[GroundTruth, Delivered, list[dict[s
             o = json.loads(line)
             fields = msgpack.unpackb(base64.b64decode(o["fields"]), raw=False)
             ts = o["ts"] if o["destination"] not in ON_SITE else None
+            wire = o.get("wire_seq")
             got.add(o["destination"], o["device"], o["stream"], o["seq"], fields, o["topic"],
-                    arrival=o.get("arrival"), ts=ts)
+                    arrival=o.get("arrival"), ts=ts, wire_seq=bytes.fromhex(wire) if isinstance(wire, str) else wire)
     with open(d / RUN_FILES["detections"], encoding="utf-8") as f:
         detections = [json.loads(line) for line in f if line.strip()]
     meta_path = d / RUN_FILES["meta"]

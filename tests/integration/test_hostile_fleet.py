@@ -32,7 +32,7 @@ import msgpack
 import pytest
 
 from device_sim import Fleet, GroundTruth
-from device_sim.hostile import secret_forms
+from device_sim.hostile import secret_forms, seq_channel_decode
 from device_sim.report import Delivered, lowbits_in
 from device_sim.scenario import load_scenario
 from gateway.audit.chain import iter_records
@@ -130,7 +130,8 @@ async def _run(workdir: Path, scenario_name: str, *, acl: bool) -> Run:
 
     got = Delivered()
     for m in rx.messages:
-        got.add(m.header.destination, m.header.device, m.header.stream, m.header.seq, m.fields, m.topic)
+        got.add(m.header.destination, m.header.device, m.header.stream, m.header.seq, m.fields, m.topic,
+                wire_seq=m.wire_seq)
     for env in read_vault(state / "vault"):
         h, pt = open_envelope(gw.keyring, env)
         got.add("local_vault", h.device, h.stream, h.seq, decode(pt), "")
@@ -216,6 +217,19 @@ def test_leaks_stopped_by_current_gateway(payload_run: Run) -> None:
     assert run.reasons.get("detect.prohibited_class", 0) >= len(groups["prohibited_data"])
     assert run.reasons.get("guard.topic_stream", 0) >= len(groups["topic_encoding(extra level)"])
     assert run.reasons.get("guard.unknown_device", 0) >= len(groups["topic_encoding(case)"])
+
+
+def test_sequence_numbers_reach_no_destination(payload_run: Run) -> None:
+    """Technique 14: two secret bytes in every sequence number. The messages themselves are honest and
+    delivered; what each destination reads where the sequence was is 16 opaque bytes, never the secret,
+    and the site's key reads the device's number back."""
+    run = payload_run
+    recs = _records(run, "seq_channel")
+    seen = [(r, dest, run.received.wire_seq.get((r.device_id, r.seq, dest)))
+            for r in recs for dest, _, _ in run.received.by_msg.get((r.device_id, r.seq), []) if dest != "local_vault"]
+    assert seen, "no seq_channel message reached an MQTT destination: the test proves nothing"
+    assert all(isinstance(w, bytes) and len(w) == 16 for _, _, w in seen)
+    assert [r.secret for r, _, w in seen if seq_channel_decode(w) == r.secret] == []
 
 
 def test_leaks_stopped_after_detectors_wired(payload_run: Run) -> None:

@@ -63,6 +63,18 @@ def test_burst_leaks_only_groups_that_arrive_whole_off_site() -> None:
     assert row.detail == {"groups": 3, "intact_at_destination": 1, "cut_by_gateway": 2, "bits_capacity": 4}
 
 
+def test_a_sequence_channel_leaks_only_where_a_destination_read_the_device_s_number() -> None:
+    truth = GroundTruth()
+    seqs = [(n << 16) | 0xBEEF for n in (1, 2, 3)]
+    truth.sent_records += [_rec("seq_channel", q, b"\xbe\xef") for q in seqs]
+    got = Delivered()
+    got.add("eu_hub", "et-00001", "result", seqs[0], {}, "t")  # the number as the device sent it: leaked
+    got.add("eu_hub", "et-00001", "result", seqs[1], {}, "t", wire_seq=b"\x00" * 14 + b"\xbe\xef")  # hidden
+    got.add("local_vault", "et-00001", "result", seqs[2], {}, "")  # on site only
+    row = {r.technique: r for r in leak_report(truth, got, [])}["seq_channel"]
+    assert (row.attempts, row.leaked, row.neutralised) == (3, 1, 2)
+
+
 UNIT = 0.2
 
 
