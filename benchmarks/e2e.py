@@ -418,8 +418,10 @@ def _timeline(pairs: list[tuple[float, float]], window_s: float = 0.5) -> list[d
             for k, v in sorted(win.items())]
 
 
-def latency_phase(msgs: list[tuple[str, bytes]], rate: float, policy: Any) -> dict[str, Any]:
-    """Paced publisher at ``rate`` (own process): plain subscriber first, then through the gateway."""
+def latency_phase(msgs: list[tuple[str, bytes]], rate: float | None, policy: Any) -> dict[str, Any]:
+    """Paced publisher at ``rate`` (own process): plain subscriber first, then through the gateway.
+    ``rate=None``: unpaced, through the gateway only, for the most the gateway carries with its
+    destination consumer live (``through_msgs_per_s``): what "half load" is half of."""
     keys = [key_of(t, p) for t, p in msgs]
     out: dict[str, Any] = {"rate": rate, "messages": len(msgs)}
     with tempfile.TemporaryDirectory(prefix="e2e-lat-") as td:
@@ -428,7 +430,7 @@ def latency_phase(msgs: list[tuple[str, bytes]], rate: float, policy: Any) -> di
         mfile.write_bytes(pickle.dumps(msgs))
 
         def pace(port: int) -> tuple[list[float], dict[str, Any]]:
-            c = Child("pub", "--port", str(port), "--messages", str(mfile), "--rate", f"{rate:.1f}",
+            c = Child("pub", "--port", str(port), "--messages", str(mfile), "--rate", f"{rate or 0:.1f}",
                       "--out", str(root / "sent.json"), "--conns", str(PUB_CONNS), "--qos", "1")
             try:
                 c.wait("ready")
@@ -438,23 +440,26 @@ def latency_phase(msgs: list[tuple[str, bytes]], rate: float, policy: Any) -> di
             return json.loads((root / "sent.json").read_text()), fin
 
         # 1. plain subscriber
-        broker = start_broker(root / "b1")
-        try:
-            sub = Child("acksub", "--port", str(broker.port), "--record", str(root / "recv.json"))
+        plain: list[float] = []
+        if rate is not None:
+            broker = start_broker(root / "b1")
             try:
-                sub.wait("ready")
-                sent, fin = pace(broker.port)
-                time.sleep(0.3)
-                sub.stop()
-                sub.wait("final", 30)
+                sub = Child("acksub", "--port", str(broker.port), "--record", str(root / "recv.json"))
+                try:
+                    sub.wait("ready")
+                    sent, fin = pace(broker.port)
+                    time.sleep(0.3)
+                    sub.stop()
+                    sub.wait("final", 30)
+                finally:
+                    sub.close()
             finally:
-                sub.close()
-        finally:
-            broker.stop()
-        t_sent = {k: t for k, t in zip(keys, sent)}
-        plain = [t - t_sent[(topic.split("/")[3], s)] for topic, s, t in json.loads((root / "recv.json").read_text())]
-        out["publisher_seconds"] = fin["seconds"]
-        out["max_inflight_per_conn"] = fin["max_inflight"]
+                broker.stop()
+            t_sent = {k: t for k, t in zip(keys, sent)}
+            plain = [t - t_sent[(topic.split("/")[3], s)]
+                     for topic, s, t in json.loads((root / "recv.json").read_text())]
+            out["publisher_seconds"] = fin["seconds"]
+            out["max_inflight_per_conn"] = fin["max_inflight"]
 
         # 2. through the gateway; the destinations online: a recording ack-only subscriber on edgeward/out/#
         # (own process; it reads the envelope header, it does not decrypt: the throughput rows do that)
@@ -467,7 +472,7 @@ def latency_phase(msgs: list[tuple[str, bytes]], rate: float, policy: Any) -> di
             try:
                 gw.wait("ready")
                 dst.wait("ready")
-                sent2, _ = pace(broker.port)
+                sent2, fin2 = pace(broker.port)
                 time.sleep(1.0)
                 gw.stop()
                 final = gw.wait("final", 60)
@@ -485,8 +490,11 @@ def latency_phase(msgs: list[tuple[str, bytes]], rate: float, policy: Any) -> di
         ids = SeqIds.from_kek(load_or_create_kek(state / "keys" / "kek.key"))
         recv = [(topic, ids.reveal(topic.split("/")[3], bytes.fromhex(s)) if isinstance(s, str) else s, t)
                 for topic, s, t in json.loads((root / "dst.json").read_text())]
-        through = [t - t_sent2[(topic.split("/")[3], s)] for topic, s, t in recv]
-        out["timeline"] = _timeline([(t_sent2[(topic.split("/")[3], s)], t) for topic, s, t in recv])
+        if recv:  # from the first publish to the last delivery (an unpaced publisher notes no send times)
+            out["through_msgs_per_s"] = len(msgs) / (max(t for _, _, t in recv) - fin2["t_start"])
+        through = [t - t_sent2[(topic.split("/")[3], s)] for topic, s, t in recv] if rate is not None else []
+        if rate is not None:
+            out["timeline"] = _timeline([(t_sent2[(topic.split("/")[3], s)], t) for topic, s, t in recv])
         seen: set[tuple[str, str, str, int]] = set()
         dup = 0
         for topic, s_, _t in recv:
@@ -496,12 +504,16 @@ def latency_phase(msgs: list[tuple[str, bytes]], rate: float, policy: Any) -> di
             seen.add(k)
         rx = types.SimpleNamespace(_seen=seen, duplicates=dup, undecryptable=0)
         rec = reconcile(policy, keys, state, rx)  # type: ignore[arg-type]
+    out.update(plain_n=len(plain), through_n=len(through), lost=rec["lost"], dups=rec["dups"], reconcile=rec,
+               rss_mb=final["VmRSS"] / 1024, peak_rss_mb=final["VmHWM"] / 1024)
+    if rate is None:
+        log(f"  [live destination, unpaced] {out.get('through_msgs_per_s', 0):,.0f} msg/s through the gateway; "
+            f"lost {rec['lost']}")
+        return out
     for p in (50, 99):
         a, b = percentile(plain, p) * 1e3, percentile(through, p) * 1e3
         out[f"plain_p{p}_ms"], out[f"through_p{p}_ms"], out[f"added_p{p}_ms"] = a, b, b - a
         out[f"gw_internal_p{p}_ms"] = final["latency_ms"].get(f"p{p}")
-    out.update(plain_n=len(plain), through_n=len(through), lost=rec["lost"], dups=rec["dups"], reconcile=rec,
-               rss_mb=final["VmRSS"] / 1024, peak_rss_mb=final["VmHWM"] / 1024)
     log(f"  [latency @ {rate:,.0f} msg/s] plain p50 {out['plain_p50_ms']:.2f} p99 {out['plain_p99_ms']:.2f} ms; "
         f"through gateway p50 {out['through_p50_ms']:.2f} p99 {out['through_p99_ms']:.2f} ms; "
         f"gateway-added p50 {out['added_p50_ms']:.2f} p99 {out['added_p99_ms']:.2f} ms; lost {rec['lost']}")
@@ -554,16 +566,25 @@ def main() -> None:
         profiles[mix]["gateway_cpu_us"] = gw1["cpu_us_per_msg"]
         profiles[mix]["mqtt_adapter_us"] = gw1["cpu_us_per_msg"] - profiles[mix]["pipeline_us"]
         if mix == "small" and not a.no_latency:
-            rate = a.latency_rate or gw1["msgs_per_s"] / 2
-            log(f"[latency] paced at {rate:,.0f} msg/s ({rate / gw1['msgs_per_s']:.0%} of the gateway's QoS-1 rate)"
-                f" for {lat_s:g}s ...")
-            n_lat = max(50, int(rate * lat_s))
             # A fleet big enough that no device outruns its type's rate baseline over the paced run (with
             # the throughput rows' 2,000 devices, 6 s at ~9,000 msg/s is ~27 messages a device, and the
             # baseline rightly rejects some as detect.burst).
-            lat_maker = MessageMaker(devices=max(2000, n_lat // 5), seed=11)
-            latency = latency_phase(lat_maker.make(n_lat, "small"), rate, policy)
+            lat_maker = MessageMaker(devices=max(2000, int(gw1["msgs_per_s"] * lat_s) // 5), seed=11)
+            live_rate = None
+            if a.latency_rate:
+                rate = a.latency_rate
+            else:
+                # Half load is half of what the gateway carries with its destination consumer live, as
+                # in the paced run (the throughput row drains its destinations afterwards, so on two
+                # CPUs half of that row's rate can already be more than the machine sustains).
+                log(f"[latency] the most the gateway carries with a live destination ({n} messages, unpaced) ...")
+                live_rate = latency_phase(lat_maker.make(n, "small"), None, policy).get("through_msgs_per_s", 0.0)
+                rate = max(50.0, live_rate / 2)
+            log(f"[latency] paced at {rate:,.0f} msg/s ({rate / gw1['msgs_per_s']:.0%} of the gateway's QoS-1 row)"
+                f" for {lat_s:g}s ...")
+            latency = latency_phase(lat_maker.make(max(50, int(rate * lat_s)), "small"), rate, policy)
             latency["of_gateway_rate"] = rate / gw1["msgs_per_s"]
+            latency["live_max_msgs_per_s"] = live_rate
     for mix in mixes:
         c1 = next(r for r in results if r["mix"] == mix and r["kind"] == "c" and r["qos"] == 1)["msgs_per_s"]
         for r in results:
@@ -615,8 +636,9 @@ def report(meta: dict[str, Any], results: list[dict[str, Any]], latency: dict[st
         print_table(["stage", "µs/msg"], rows)
     if latency:
         L = latency
-        load = "half load" if L.get("of_gateway_rate") is None or abs(L["of_gateway_rate"] - 0.5) < 0.01 \
-            else f"{L['of_gateway_rate']:.0%} of the gateway's rate"
+        load = (f"half load (half of {L['live_max_msgs_per_s']:,.0f} msg/s, the most the gateway carried with its "
+                "destination live)" if L.get("live_max_msgs_per_s") else f"{L['of_gateway_rate']:.0%} of the gateway's "
+                "QoS-1 row")
         print(f"\nlatency at {load}: {L['rate']:,.0f} msg/s paced, small mix, QoS 1, {L['messages']} msgs "
               f"(lost {L['lost']}, dups {L['dups']}, gateway RSS {L['rss_mb']:.0f} MB)")
         print_table(["path", "p50 ms", "p99 ms"], [
