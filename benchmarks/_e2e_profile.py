@@ -95,11 +95,10 @@ def _timed_process(p: Pipeline, topic: str, payload: bytes, acc: dict[str, int])
         if prefix is not None and p.seq_ids is not None:
             if hidden_seq is None:
                 hidden_seq = p.seq_ids.hide(device, seq)
-            header = pack_header(device, stream, hidden_seq, ts if hts is None else hts, route.destination,
-                                 decision.revision)
+            hseq: int | bytes = hidden_seq
         else:
-            header = pack_header(device, stream, seq, ts if hts is None else hts, route.destination,
-                                 decision.revision)
+            hseq = seq
+        header = pack_header(device, stream, hseq, ts if hts is None else hts, route.destination, decision.revision)
         sealer = p.recipients.get(route.destination)
         envelope = (seal_packed(p.keyring, header, plaintext) if sealer is None
                     else sealer.seal_packed(header, plaintext))

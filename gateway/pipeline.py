@@ -300,10 +300,10 @@ class Pipeline:
             if prefix is not None and seq_ids is not None:  # leaves the site's own stores: hidden
                 if hidden_seq is None:
                     hidden_seq = seq_ids.hide(device, seq)
-                header = pack_header(device, stream, hidden_seq, ts if hts is None else hts, route.destination,
-                                     revision)
+                hseq: int | bytes = hidden_seq
             else:
-                header = pack_header(device, stream, seq, ts if hts is None else hts, route.destination, revision)
+                hseq = seq
+            header = pack_header(device, stream, hseq, ts if hts is None else hts, route.destination, revision)
             sealer = recipients.get(route.destination)
             if sealer is None:
                 envelope = seal_packed(self.keyring, header, plaintext)
