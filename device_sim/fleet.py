@@ -202,7 +202,11 @@ class Fleet:
             down_wall = 0.0
             while True:
                 t = min(next_result, next_health, next_drop, back_at)
-                if t >= stop_at:
+                if t >= stop_at or loop.time() >= stop_at:
+                    # The wall clock too: a device that cannot reconnect (isolated, its certificate on
+                    # hold) spends a connect timeout on every scheduled message and falls behind its own
+                    # schedule; without this it kept 'catching up' long after the run's end (a 120 s
+                    # timing-burst demo ran for over ten minutes).
                     break
                 delay = t - loop.time()
                 if delay > 0:

@@ -4,6 +4,7 @@ byte for byte, in order, and the mobile unit's store-and-forward loses nothing a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import time
@@ -137,3 +138,61 @@ async def test_unreachable_broker_sends_and_counts_nothing() -> None:
     truth = await fleet.run(0.6)
     assert truth.sent == 0 and truth.failed == []  # never connected, so nothing was produced
     assert fleet.connect_failures >= 3
+
+
+class _Cutoff:
+    """A TCP relay in front of the broker that, once ``cut()``, drops every connection and then
+    accepts new ones without ever answering: each reconnect waits out its whole connect timeout, as
+    a device whose certificate was put on hold does against the site's mTLS listener."""
+
+    def __init__(self, target: int) -> None:
+        self.target, self.cutoff, self.port = target, False, free_port()
+        self._open: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
+
+    async def _client(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self._open.append(w)
+        if self.cutoff:
+            await r.read()  # silent until the device gives up
+            w.close()
+            return
+        br, bw = await asyncio.open_connection("127.0.0.1", self.target)
+        self._open.append(bw)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+            dst.close()
+
+        await asyncio.gather(pipe(r, bw), pipe(br, w))
+
+    def cut(self) -> None:
+        self.cutoff = True
+        for w in self._open:
+            w.close()
+
+    async def stop(self) -> None:
+        self._server.close()
+        for w in self._open:
+            w.close()
+
+
+async def test_a_device_that_cannot_reconnect_ends_with_the_run(broker: MosquittoBroker) -> None:
+    """Its reconnects each take the whole connect timeout; it must still stop at the run's end rather
+    than work through every message its schedule still owed, one timeout each (minutes, before)."""
+    relay = _Cutoff(broker.port)
+    await relay.start()
+    fleet = Fleet(make_fleet(1, seed=3), port=relay.port, rate_scale=40.0, health_interval_s=0.05,
+                  drop_every_s=None, connect_timeout_s=0.5, drain_timeout_s=0.5)
+    run = asyncio.create_task(fleet.run(3.0))
+    await asyncio.sleep(1.0)
+    relay.cut()
+    t0 = time.monotonic()
+    truth = await asyncio.wait_for(run, 60)
+    took = time.monotonic() - t0
+    await relay.stop()
+    assert truth.sent > 0 and truth.failed  # it sent, then could not: what it still had is accounted
+    assert took < 8.0, took  # ~4 s: the run's end, a drain and a few 0.5 s timeouts (was ~40 messages x 0.5 s)
