@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from gateway.crypto.envelope import BUNDLE_PREFIX
+
 INGEST_FILTER = "site/AMS-T1/dev/#"
 EXPIRY = 3600
 
@@ -146,6 +148,20 @@ def _seq_of(payload: bytes) -> int | str:
     return int(m["seq"])
 
 
+def _items_of(topic: str, payload: bytes) -> list[tuple[str, int | str]]:
+    """(topic, sequence) of each message a PUBLISH carries: one, or each envelope of a gateway bundle,
+    under the topic it would have had alone."""
+    if not payload.startswith(BUNDLE_PREFIX):
+        return [(topic, _seq_of(payload))]
+    import msgpack
+
+    out: list[tuple[str, int | str]] = []
+    for env in msgpack.unpackb(payload)["bundle"]:
+        dev, stream, q = msgpack.unpackb(msgpack.unpackb(env)["h"])[:3]
+        out.append((f"{topic}/{dev}/{stream}", q.hex() if isinstance(q, bytes) else int(q)))
+    return out
+
+
 def role_acksub(a: argparse.Namespace) -> None:
     """The fastest Python receive path: asyncio Protocol + mqtt5 reader that only PUBACKs.
 
@@ -183,17 +199,17 @@ def role_acksub(a: argparse.Namespace) -> None:
                     off += n
                     tp = type(pkt)
                     if tp is PublishPacket:
-                        self.received += 1
                         if pkt.packet_id is not None:
                             out.append(PubAckPacket(pkt.packet_id).write())
-                        key = (pkt.topic if record else pkt.topic.split("/", 4)[3],
-                               _seq_of(pkt.payload))
-                        if key in seen:
-                            self.dups += 1
-                        else:
-                            seen.add(key)
-                        if record:
-                            times.append((key[0], key[1], now))
+                        for topic, seq in _items_of(pkt.topic, pkt.payload):
+                            self.received += 1
+                            key = (topic if record else topic.split("/", 4)[3], seq)
+                            if key in seen:
+                                self.dups += 1
+                            else:
+                                seen.add(key)
+                            if record:
+                                times.append((key[0], key[1], now))
                     elif tp is PingRespPacket and self.pinged and not self.fut.done():
                         self.fut.set_result(None)
                     elif tp is ConnAckPacket:

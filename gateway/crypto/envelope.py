@@ -21,7 +21,8 @@ from cryptography.exceptions import InvalidTag
 from gateway.crypto.keys import DataKeyring
 from gateway.errors import CryptoError
 
-__all__ = ["Header", "seal", "seal_packed", "pack_header", "open_envelope", "ENVELOPE_VERSION"]
+__all__ = ["Header", "seal", "seal_packed", "pack_header", "open_envelope", "ENVELOPE_VERSION", "pack_bundle",
+           "unbundle", "BUNDLE_PREFIX"]
 
 ENVELOPE_VERSION = 1
 
@@ -62,6 +63,33 @@ def seal_packed(keyring: DataKeyring, h: bytes, plaintext: bytes) -> bytes:
     nonce = os.urandom(12)
     ct = key.aead.encrypt(nonce, plaintext, h)
     return _packb({"c": ct, "h": h, "kid": key.kid, "n": nonce, "v": ENVELOPE_VERSION})
+
+
+# A bundle: several envelopes for one destination in one MQTT message, ``{bundle: [env, ...], v}``.
+# Each envelope inside is sealed and authenticated on its own (the bundle adds no trust: a broker that
+# drops one from a bundle could as well have dropped its message), so a receiver opens them as if they
+# had come one by one. Packed with sorted keys, a bundle always starts with these bytes; an envelope
+# (a map of 5 or 7 keys) never does.
+BUNDLE_PREFIX = b"\x82\xa6bundle"
+
+
+def pack_bundle(envelopes: list[bytes]) -> bytes:
+    return _packb({"bundle": envelopes, "v": ENVELOPE_VERSION})
+
+
+def unbundle(payload: bytes) -> list[bytes]:
+    """The envelopes one MQTT message carries: a bundle's, in order, or the message itself.
+    CryptoError for a bundle that is not well formed."""
+    if not payload.startswith(BUNDLE_PREFIX):
+        return [payload]
+    try:
+        b = msgpack.unpackb(payload, raw=False)
+    except Exception as exc:  # any malformed bundle is one error
+        raise CryptoError(f"malformed bundle ({type(exc).__name__})") from exc
+    envs = b.get("bundle") if type(b) is dict else None
+    if type(envs) is not list or b.get("v") != ENVELOPE_VERSION or not all(type(e) is bytes for e in envs):
+        raise CryptoError("malformed bundle")
+    return envs
 
 
 def open_envelope(keyring: DataKeyring, data: bytes) -> tuple[Header, bytes]:

@@ -51,6 +51,7 @@ class Destination:
     retime_ms: int = 0
     spool_max_mb: float = 256.0
     spool_when_full: str = "refuse_new"
+    bundle: int = 1  # envelopes per MQTT message at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +227,7 @@ class Policy:
         self._warnings = warnings
         self.destinations: Mapping[str, Destination] = MappingProxyType({
             d.name: Destination(d.name, d.jurisdiction, d.trust, d.transport, d.topic, d.rest_at_edge,
-                                d.recipient_key, d.retime_ms, d.spool_max_mb, d.spool_when_full)
+                                d.recipient_key, d.retime_ms, d.spool_max_mb, d.spool_when_full, d.bundle)
             for d in spec.destinations
         })
         self.size_limits: Mapping[str, int] = MappingProxyType(

@@ -143,6 +143,7 @@ class DestinationSpec:
     retime_ms: int = 0  # uplink released in batches every retime_ms (0: at once)
     spool_max_mb: float = 256.0  # store-and-forward spool bound (rest_at_edge destinations)
     spool_when_full: str = "refuse_new"  # or "drop_oldest"
+    bundle: int = 1  # envelopes per MQTT message at most (1: one each, on <topic>/<device>/<stream>)
 
 
 @dataclass(frozen=True, slots=True)

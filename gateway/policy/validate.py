@@ -76,12 +76,15 @@ _DEST_KEYS = frozenset(
     {
         "jurisdiction", "trust", "transport", "topic", "rest_at_edge", "recipient_key", "on_disallowed_field",
         "requires_contract", "drop_when_empty", "obligations", "description", "retime_ms", "spool",
+        "bundle",
     }
 )
 _SPOOL_KEYS = frozenset({"max_mb", "when_full"})
 SPOOL_WHEN_FULL = ("refuse_new", "drop_oldest")
 DEFAULT_RETIME_MS = 5000  # uplinks leave in gateway-timed batches (mean 5 s, jittered) unless a destination says otherwise
 DEFAULT_SPOOL_MB = 256.0
+DEFAULT_BUNDLE = 64  # envelopes an mqtt uplink carries in one MQTT message, at most
+MAX_BUNDLE = 1000
 _OBL_KEYS = frozenset({"id", "when", "remove", "quantize", "drop", "description"})
 _SELECT_KEYS = frozenset({"fields", "classes"})
 TRUST_LEVELS = ("site", "high", "medium", "low", "untrusted")
@@ -702,7 +705,7 @@ def validate_deferred(doc: Document) -> tuple[PolicySpec | None, list[Diagnostic
 
 
 def _delivery(v: Any, p: Path, m: dict[str, Any], transport: Any) -> dict[str, Any]:
-    """A destination's delivery settings: uplink re-timing and the store-and-forward spool."""
+    """A destination's delivery settings: uplink re-timing, bundling and the store-and-forward spool."""
     retime = m.get("retime_ms")
     if retime is None:
         retime_ms = DEFAULT_RETIME_MS if transport == "mqtt" else 0
@@ -712,6 +715,16 @@ def _delivery(v: Any, p: Path, m: dict[str, Any], transport: Any) -> dict[str, A
         retime_ms = DEFAULT_RETIME_MS
     else:
         retime_ms = retime
+    bundle = m.get("bundle")
+    if bundle is None:
+        bundle = DEFAULT_BUNDLE if transport == "mqtt" else 1
+    elif isinstance(bundle, bool) or not isinstance(bundle, int) or not 1 <= bundle <= MAX_BUNDLE:
+        v.report((*p, "bundle"), "value.bundle", f"bundle must be a whole number of envelopes, 1..{MAX_BUNDLE}",
+                 f"1 sends one envelope per MQTT message on <topic>/<device>/<stream>; {DEFAULT_BUNDLE} is the default")
+        bundle = DEFAULT_BUNDLE
+    elif transport != "mqtt" and bundle != 1:
+        v.report((*p, "bundle"), "value.bundle_transport", "bundle applies to mqtt destinations only",
+                 "remove bundle from this destination")
     spool_mb, when_full = DEFAULT_SPOOL_MB, "refuse_new"
     sp = m.get("spool")
     if sp is not None:
@@ -729,4 +742,5 @@ def _delivery(v: Any, p: Path, m: dict[str, Any], transport: Any) -> dict[str, A
             v.report((*p, "spool"), "value.spool_without_rest",
                      "a spool needs rest_at_edge: true (this destination's data may not rest at the edge)",
                      "remove spool, or set rest_at_edge: true if the data may be kept here while it is down")
-    return {"retime_ms": retime_ms, "spool_max_mb": spool_mb, "spool_when_full": when_full}
+    return {"retime_ms": retime_ms, "spool_max_mb": spool_mb, "spool_when_full": when_full,
+            "bundle": bundle if transport == "mqtt" else 1}

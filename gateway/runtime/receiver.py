@@ -4,7 +4,9 @@ It stands in for the customs system, the EU hub and the vendor's service: subscr
 topic tree with a persistent QoS-1 session, opens each envelope with the key it holds (proving the
 data arrived encrypted and intact), and counts what each destination received, duplicates included,
 with the end-to-end latency from the device's timestamp. With ``keep`` it also keeps every envelope
-it opened, with its arrival time (monotonic), for leak measurements.
+it opened, with its arrival time (monotonic), for leak measurements. A bundle (several envelopes in
+one MQTT message, gateway.crypto.envelope) is opened envelope by envelope, each counted as if it had
+come alone on ``<destination topic>/<device>/<stream>``.
 
 A real destination sees 16 opaque bytes where the header's sequence is (gateway.crypto.seqid). This
 stand-in is the operator's tool as well: when its keyring has the site's sequence key (``seq_ids``,
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.codec import decode
-from gateway.crypto.envelope import Header, open_envelope
+from gateway.crypto.envelope import BUNDLE_PREFIX, Header, open_envelope, unbundle
 from gateway.crypto.keys import DataKeyring
 from gateway.errors import CryptoError
 from gateway.runtime.mqtt import Message, MqttClient
@@ -61,6 +63,7 @@ class DestinationReceiver:
     username: str | None = None
     password: bytes | None = field(default=None, repr=False)
     hidden_seqs: int = 0
+    bundled: int = 0  # envelopes (not duplicates) that came in bundles
     _seen: set[tuple[str, str, str, int | bytes]] = field(default_factory=set)
     _client: MqttClient | None = None
 
@@ -85,32 +88,45 @@ class DestinationReceiver:
         now = self.clock()
         assert self._client is not None
         for m in batch:
+            parts = m.topic.split("/")
+            opener = self.openers.get(parts[2]) if len(parts) > 2 else None
             try:
-                parts = m.topic.split("/")
-                opener = self.openers.get(parts[2]) if len(parts) > 2 else None
-                if opener is not None:
-                    header, plaintext = opener.open(m.payload)
-                else:
-                    header, plaintext = open_envelope(self.keyring, m.payload)
-                fields = decode(plaintext)
-            except (CryptoError, Exception):  # noqa: BLE001 - counted, never trusted
+                envelopes = unbundle(m.payload)
+            except CryptoError:
                 self.undecryptable += 1
-            else:
-                wire_seq = header.seq
-                if type(header.seq) is bytes:
-                    self.hidden_seqs += 1
-                    seq_ids = getattr(self.keyring, "seq_ids", None)
-                    real = seq_ids.reveal(header.device, header.seq) if seq_ids is not None else None
-                    if real is not None:
-                        header = dataclasses.replace(header, seq=real)
-                key = (header.destination, header.device, header.stream, header.seq)
-                if key in self._seen:
-                    self.duplicates += 1
-                else:
-                    self._seen.add(key)
-                    self.counts[header.destination] += 1
-                    self.latencies_ms.append(now * 1000 - header.ts)
-                    if self.keep:
-                        self.messages.append(Received(m.topic, header, fields, arrival, wire_seq))
+                envelopes = []
+            bundled = m.payload.startswith(BUNDLE_PREFIX)
+            for env in envelopes:
+                self._open(m.topic, env, opener, bundled, arrival, now)
             if m.packet_id is not None:
                 self._client.ack(m.packet_id)
+
+    def _open(self, topic: str, env: bytes, opener: Any, bundled: bool, arrival: float, now: float) -> None:
+        try:
+            if opener is not None:
+                header, plaintext = opener.open(env)
+            else:
+                header, plaintext = open_envelope(self.keyring, env)
+            fields = decode(plaintext)
+        except (CryptoError, Exception):  # noqa: BLE001 - counted, never trusted
+            self.undecryptable += 1
+            return
+        if bundled:  # the topic it would have had alone
+            topic = f"{topic}/{header.device}/{header.stream}"
+        wire_seq = header.seq
+        if type(header.seq) is bytes:
+            self.hidden_seqs += 1
+            seq_ids = getattr(self.keyring, "seq_ids", None)
+            real = seq_ids.reveal(header.device, header.seq) if seq_ids is not None else None
+            if real is not None:
+                header = dataclasses.replace(header, seq=real)
+        key = (header.destination, header.device, header.stream, header.seq)
+        if key in self._seen:
+            self.duplicates += 1
+            return
+        self._seen.add(key)
+        self.counts[header.destination] += 1
+        self.bundled += bundled
+        self.latencies_ms.append(now * 1000 - header.ts)
+        if self.keep:
+            self.messages.append(Received(topic, header, fields, arrival, wire_seq))

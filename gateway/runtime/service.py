@@ -18,6 +18,13 @@ longer than ``uplink_down_after_s`` is declared down: its unacknowledged envelop
 (``rest_at_edge``) or are dropped with ``uplink.unreachable``; when it returns, the spool drains in
 order at ``spool_drain_rate`` before anything new is sent directly.
 
+Bundles: a destination with ``bundle: N > 1`` (the default for mqtt) gets its envelopes in MQTT
+messages of up to N on its own topic (``gateway.crypto.envelope.pack_bundle``), one per destination
+per ingest read, release or drain step at the least; each envelope stays sealed and deduplicated on
+its own. The broker and the destination then handle one message where they handled N, which is most
+of what the gateway costs the broker (BENCHMARKS.md §4). A bundle adds no wait: what one read or one
+release produced leaves when that read or release is done.
+
 Bounded queues: when the uplinks fall behind, a spool is full (``when_full: refuse_new``) or a disk
 is full, ingest stops reading (TCP backpressure reaches the broker, which queues for the persistent
 session) and resumes by itself.
@@ -41,7 +48,7 @@ from typing import Any
 
 from gateway.audit.chain import AuditLog
 from gateway.audit.checkpoint import Checkpointer
-from gateway.crypto.envelope import pack_header, seal_packed
+from gateway.crypto.envelope import pack_bundle, pack_header, seal_packed
 from gateway.crypto.keys import DataKeyring, load_or_create_kek
 from gateway.crypto.recipient import RecipientSealer
 from gateway.detect import RateBaseline
@@ -93,6 +100,9 @@ DISK_FULL_REMIND_S = 60.0  # a disk that stays full is alerted again this often 
 __all__ = ["GatewayConfig", "GatewayStats", "Gateway", "SYS_DROPPED"]
 
 SYS_DROPPED = "$SYS/broker/publish/messages/dropped"
+# A bundle stays below half the broker's max_packet_size (2 MiB, gateway.runtime.broker); an envelope
+# bigger than this goes in a bundle of its own.
+BUNDLE_MAX_BYTES = 1024 * 1024
 
 # Rejections that mean a device broke an invariant (not merely sent something malformed): each is
 # quarantined and alerted on. detect.* codes always are.
@@ -182,6 +192,8 @@ class GatewayStats:
     undelivered: Counter[str] = field(default_factory=Counter)  # "<destination>:<reason>", counted drops
     spooled: Counter[str] = field(default_factory=Counter)
     held: int = 0  # envelopes held for a device's excess volume, ever
+    bundles: int = 0  # MQTT messages that carried bundled envelopes
+    bundled: int = 0  # envelopes they carried
     disk_full_events: int = 0
     latency_s: list[float] = field(default_factory=list)  # receipt -> last destination acknowledged
 
@@ -203,6 +215,8 @@ class GatewayStats:
             "undelivered": dict(self.undelivered),
             "spooled": dict(self.spooled),
             "disk_full_events": self.disk_full_events,
+            "bundles": self.bundles,
+            "bundled": self.bundled,
         }
 
 
@@ -212,7 +226,8 @@ class _Link:
 
     name: str
     client: MqttClient
-    uplink_for: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # pid -> delivery or spool ref
+    uplink_for: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # pid -> delivery, bundle or spool ref
+    bundled: int = 0  # envelopes in flight beyond one per MQTT message (bundles)
     down_since: float | None = None  # monotonic
     declared_down: bool = False
     task: asyncio.Task[None] | None = None
@@ -232,6 +247,10 @@ class _Outbox:
     next_release: float = 0.0
     sent: int = 0
     drain_tokens: float = 0.0
+    topic: str = ""  # the destination's topic: bundles go there
+    bundle: int = 1  # envelopes per MQTT message at most (the policy's `bundle`)
+    out: list[tuple[str, bytes, tuple[Any, ...]]] = field(default_factory=list)  # the bundle being filled
+    out_bytes: int = 0
 
     @property
     def hold(self) -> bool:
@@ -696,8 +715,7 @@ class Gateway:
                 self._settle(ref)
         else:
             self._held_acks.extend(ready)  # acknowledged once the disk takes the batch
-        for link in self._links.values():
-            link.client.flush()
+        self._flush_out()
         if not self._paused and self._pending_out() > self.config.max_pending:
             self._paused = True
             self._pause("backpressure")
@@ -760,9 +778,11 @@ class Gateway:
                     "state": state,
                     "uplink": link.name,
                     "retime_ms": int(ob.retime_s * 1000),
+                    "bundle": ob.bundle,
                     "rest_at_edge": ob.spool is not None,
                     "batch": len(ob.queue),
-                    "in_flight": sum(1 for r in link.uplink_for.values() if r[-1] == name or r[1] is ob),
+                    "in_flight": sum(len(r[2]) if r[0] in ("B", "S") else 1 for r in link.uplink_for.values()
+                                     if r[-1] == name or r[1] is ob),
                     "sent": ob.sent,
                     "spooled": self.stats.spooled.get(name, 0),
                     "undelivered": {k.split(":", 1)[1]: v for k, v in self.stats.undelivered.items()
@@ -839,11 +859,23 @@ class Gateway:
         if ref is None:
             return
         self._schedule_flush()
-        if ref[0] == "S":  # from a spool: the destination has it, the entry can go
-            ob = ref[1]
-            ob.sent += 1
+        if ref[0] == "B":  # a bundle: the destination has every envelope in it
+            ob, items = ref[1], ref[2]
+            link.bundled -= len(items) - 1
+            ob.sent += len(items)
+            done_add, settle = self.done.add, self._settle
+            for item in items:
+                r = item[2]
+                done_add(r[2], r[3], r[4])
+                settle(r)
+            return
+        if ref[0] == "S":  # from a spool: the destination has them, the entries can go
+            ob, ids = ref[1], ref[2]
+            link.bundled -= len(ids) - 1
+            ob.sent += len(ids)
             if ob.spool is not None:
-                ob.spool.consumed(ref[2])
+                for item_id in ids:
+                    ob.spool.consumed(item_id)
             return
         self.outboxes[ref[4]].sent += 1
         self.done.add(ref[2], ref[3], ref[4])  # the destination has it, whatever happens to the ingest ack
@@ -914,8 +946,14 @@ class Gateway:
     # ------------------------------------------------------------------ uplinks, spools, the disk
     def _ensure_outboxes(self) -> None:
         for name, d in self.pipeline.policy.destinations.items():
-            if d.transport == "mqtt" and name not in self.outboxes:
-                self._outbox(name)
+            if d.transport == "mqtt":
+                ob = self.outboxes.get(name)
+                if ob is None:
+                    self._outbox(name)
+                else:  # a reload may move the destination or change its bundle size
+                    if ob.out:
+                        self._publish_bundle(ob)
+                    ob.topic, ob.bundle = d.topic, getattr(d, "bundle", 1)
 
     def _outbox(self, name: str) -> _Outbox:
         d = self.pipeline.policy.destinations[name]
@@ -937,7 +975,8 @@ class Gateway:
             if spool.backlog:
                 self.audit_event({"event": "spool.opened", "dst": name, "backlog": spool.backlog})
         retime_s = d.retime_ms / 1000.0 if self.config.retime else 0.0
-        ob = self.outboxes[name] = _Outbox(name, link, retime_s, spool, d.spool_when_full)
+        ob = self.outboxes[name] = _Outbox(name, link, retime_s, spool, d.spool_when_full,
+                                           topic=d.topic, bundle=getattr(d, "bundle", 1))
         if retime_s:
             ob.next_release = self._next_boundary(ob, self._clock())
         return ob
@@ -950,17 +989,46 @@ class Gateway:
                     info=b"edgeward spool v1 " + name.encode()).derive(self._kek)
 
     def _pending_out(self) -> int:
-        return sum(link.client.pending_out for link in self._links.values())
+        """Envelopes sent and not yet acknowledged by their uplinks."""
+        return sum(link.client.pending_out + link.bundled for link in self._links.values())
 
     def _send(self, ob: _Outbox, topic: str, envelope: bytes, ref: tuple[Any, ...]) -> bool:
-        """Send one envelope now, or spool or drop it if the destination is held. True while the
-        ingest message must still wait for this destination."""
+        """Send one envelope now (into the outbox's bundle, published by ``_flush_out``), or spool or
+        drop it if the destination is held. True while the ingest message must still wait for this
+        destination."""
         if ob.hold:
             return self._park(ob, topic, envelope, ref)
+        if ob.bundle > 1:
+            if ob.out and ob.out_bytes + len(envelope) > BUNDLE_MAX_BYTES:
+                self._publish_bundle(ob)
+            ob.out.append((topic, envelope, ref))
+            ob.out_bytes += len(envelope)
+            if len(ob.out) >= ob.bundle:
+                self._publish_bundle(ob)
+            return True
         pid = ob.link.client.publish(topic, envelope)
         assert pid is not None
         ob.link.uplink_for[pid] = ref
         return True
+
+    def _publish_bundle(self, ob: _Outbox) -> None:
+        items, ob.out, ob.out_bytes = ob.out, [], 0
+        link = ob.link
+        pid = link.client.publish(ob.topic, pack_bundle([item[1] for item in items]))
+        assert pid is not None
+        link.uplink_for[pid] = ("B", ob, items)
+        link.bundled += len(items) - 1
+        self.stats.bundles += 1
+        self.stats.bundled += len(items)
+
+    def _flush_out(self) -> None:
+        """Publish the bundles being filled and write everything out: the end of every read, release,
+        drain or retry step, so a bundle never waits for the next one."""
+        for ob in self.outboxes.values():
+            if ob.out:
+                self._publish_bundle(ob)
+        for link in self._links.values():
+            link.client.flush()
 
     def _park(self, ob: _Outbox, topic: str, envelope: bytes, ref: tuple[Any, ...]) -> bool:
         """A held destination: into its spool (settled once the spool is flushed: False), behind
@@ -1082,8 +1150,7 @@ class Gateway:
                     self._settle(ref)
             if not ob.overflow:
                 self._unpause(f"spool:{ob.name}")
-        for link in self._links.values():
-            link.client.flush()
+        self._flush_out()
 
     async def _deliverer(self, stop: asyncio.Event) -> None:
         """Every 20 ms: release re-timed batches whose boundary has passed, watch the uplinks, drain
@@ -1123,8 +1190,7 @@ class Gateway:
         if settled and self._commit():
             for ref in settled:
                 self._settle(ref)
-        for link in self._links.values():
-            link.client.flush()
+        self._flush_out()
 
     # ------------------------------------------------------------------ holding excess volume
     def _probation_hold(self, out: Any, now: float) -> _Probation | None:
@@ -1225,15 +1291,28 @@ class Gateway:
             return
         rate = self.config.spool_drain_rate
         ob.drain_tokens = min(rate, ob.drain_tokens + rate * tick)
-        n = min(int(ob.drain_tokens), max(0, 1000 - link.client.pending_out))
+        n = min(int(ob.drain_tokens), max(0, 1000 - link.client.pending_out - link.bundled))
         if n <= 0:
             return
         items = ob.spool.next_batch(n)
         ob.drain_tokens -= len(items)
-        for item in items:
-            pid = link.client.publish(item.topic, item.payload)
+        i = 0
+        while i < len(items):  # as bundles when the destination takes them (bounded size)
+            topic, group, size = items[i].topic, [items[i]], len(items[i].payload)
+            if ob.bundle > 1:
+                topic = ob.topic
+                while (i + len(group) < len(items) and len(group) < ob.bundle
+                       and size + len(items[i + len(group)].payload) <= BUNDLE_MAX_BYTES):
+                    size += len(items[i + len(group)].payload)
+                    group.append(items[i + len(group)])
+                payload = pack_bundle([item.payload for item in group])
+            else:
+                payload = group[0].payload
+            i += len(group)
+            pid = link.client.publish(topic, payload)
             assert pid is not None
-            link.uplink_for[pid] = ("S", ob, item.id)
+            link.uplink_for[pid] = ("S", ob, tuple(item.id for item in group))
+            link.bundled += len(group) - 1
 
     def _watch_link(self, link: _Link, now: float) -> None:
         if link.client.connected:
@@ -1262,11 +1341,17 @@ class Gateway:
             if ref is None:
                 continue  # an alert or checkpoint: kept locally already
             if ref[0] == "S":
+                link.bundled -= len(ref[2]) - 1
                 rewind.add(id(ref[1]))
                 continue
-            ob = self.outboxes[ref[4]]
-            if not self._park(ob, topic, payload, ref):
-                settled.append(ref)
+            if ref[0] == "B":  # a bundle: each envelope is parked on its own, in order
+                ob, items = ref[1], ref[2]
+                link.bundled -= len(items) - 1
+            else:
+                ob, items = self.outboxes[ref[4]], [(topic, payload, ref)]
+            for item_topic, envelope, r in items:
+                if not self._park(ob, item_topic, envelope, r):
+                    settled.append(r)
         for ob in self.outboxes.values():
             if id(ob) in rewind and ob.spool is not None:
                 ob.spool.rewind()

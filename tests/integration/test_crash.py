@@ -20,7 +20,7 @@ import pytest
 
 from device_sim import Fleet, make_fleet
 from gateway.audit.chain import iter_records, verify_chain
-from gateway.crypto.envelope import Header, open_envelope
+from gateway.crypto.envelope import Header, open_envelope, unbundle
 from gateway.crypto.keys import DataKeyring, load_or_create_kek
 from gateway.crypto.seqid import SeqIds
 from gateway.runtime.broker import MosquittoBroker
@@ -61,8 +61,9 @@ async def test_kill_9_and_restart_lose_nothing_and_duplicate_nothing(broker: Mos
 
     def on_uplink(batch: list[Message]) -> None:
         for m in batch:
-            h = Header.unpack(msgpack.unpackb(m.payload)["h"])
-            seen[(h.destination, h.device, h.stream, h.seq)] += 1
+            for env in unbundle(m.payload):
+                h = Header.unpack(msgpack.unpackb(env)["h"])
+                seen[(h.destination, h.device, h.stream, h.seq)] += 1
             if m.packet_id is not None:
                 sub.ack(m.packet_id)
 

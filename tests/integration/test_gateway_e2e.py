@@ -128,6 +128,9 @@ async def test_fleet_end_to_end_accounted_projected_encrypted_audited(broker: Mo
         assert key not in got
         got[key] = m.fields
     assert rx.duplicates == 0 and rx.undecryptable == 0
+    # envelopes travel in bundles (the policy's default): fewer MQTT messages than envelopes
+    assert rx.bundled == rx.total and gw.stats.bundled == rx.total and gw.stats.bundles < rx.total
+    assert all(m.topic.startswith(f"edgeward/out/{m.header.destination}/{m.header.device}/") for m in rx.messages)
     assert len(gw.keyring.list()) > 5, "keys should have rotated many times during the run"
     vault = {}
     for env in read_vault(state / "vault"):

@@ -195,13 +195,14 @@ def test_delivery_settings_defaults_and_values() -> None:
     text = MINIMAL + """\
   hub: {jurisdiction: NL, transport: mqtt}
   fast: {jurisdiction: NL, transport: mqtt, retime_ms: 0, rest_at_edge: true,
-         spool: {max_mb: 8, when_full: drop_oldest}}
+         spool: {max_mb: 8, when_full: drop_oldest}, bundle: 1}
 """
     p = compile_policy(text, source="p.yaml")
     assert (p.destinations["local_vault"].retime_ms, p.destinations["hub"].retime_ms) == (0, 5000)
     hub, fast = p.destinations["hub"], p.destinations["fast"]
     assert (hub.spool_max_mb, hub.spool_when_full) == (256.0, "refuse_new")
     assert (fast.retime_ms, fast.spool_max_mb, fast.spool_when_full) == (0, 8.0, "drop_oldest")
+    assert (p.destinations["local_vault"].bundle, hub.bundle, fast.bundle) == (1, 64, 1)
 
 
 def test_bad_delivery_settings_are_reported_with_positions() -> None:
@@ -209,8 +210,11 @@ def test_bad_delivery_settings_are_reported_with_positions() -> None:
   a: {jurisdiction: NL, transport: mqtt, retime_ms: -5}
   b: {jurisdiction: NL, transport: mqtt, spool: {max_mb: 8}}
   c: {jurisdiction: NL, transport: mqtt, rest_at_edge: true, spool: {when_full: drop_newest, size: 1}}
+  d: {jurisdiction: NL, transport: mqtt, bundle: 0}
+  e: {jurisdiction: on_prem, transport: vault, bundle: 8}
 """
     errs = errors_of(text)
     codes = sorted(e.code for e in errs)
-    assert codes == ["schema.enum", "schema.unknown_key", "value.retime", "value.spool_without_rest"]
+    assert codes == ["schema.enum", "schema.unknown_key", "value.bundle", "value.bundle_transport", "value.retime",
+                     "value.spool_without_rest"]
     assert all(e.line > 5 and e.col > 0 and e.hint for e in errs)
