@@ -67,6 +67,13 @@ def role_gateway(a: argparse.Namespace) -> None:
     from gateway.runtime.service import Gateway, GatewayConfig
 
     policy = load_policy(REPO / "policies")
+    if a.bundle:  # every MQTT destination's bundle size (1: one envelope per message, the wire before bundles)
+        import dataclasses
+        from types import MappingProxyType
+
+        policy.destinations = MappingProxyType({  # type: ignore[misc]
+            n: dataclasses.replace(d, bundle=a.bundle) if d.transport == "mqtt" else d
+            for n, d in policy.destinations.items()})
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -437,6 +444,7 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--proto-fsync-thread", action="store_true")
     ap.add_argument("--stall-report", type=float, default=10.0)
+    ap.add_argument("--bundle", type=int, default=0)
     a = ap.parse_args()
     {"gateway": role_gateway, "acksub": role_acksub, "pub": role_pub}[a.role](a)
 

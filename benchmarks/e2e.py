@@ -535,12 +535,17 @@ def main() -> None:
     ap.add_argument("--no-uvloop", dest="uvloop", action="store_false", help="run the gateway on the default asyncio loop (the product uses uvloop)")
     ap.add_argument("--proto-fsync-thread", action="store_true",
                     help="PROTOTYPE: the gateway's 1-s fsync in a worker thread (not the product's behaviour)")
+    ap.add_argument("--bundle", type=int,
+                    help="envelopes per uplink MQTT message for every destination instead of the policy's "
+                         "(1: one each, the wire before bundles; to compare the two in the same conditions)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     a = ap.parse_args()
     n_small = a.messages or (300 if a.quick else 20_000)
     n_img = a.image_messages or (40 if a.quick else 600)
     lat_s = a.latency_seconds or (1.0 if a.quick else 6.0)
     GW_FLAGS.extend([f for f, on in (("--uvloop", a.uvloop), ("--proto-fsync-thread", a.proto_fsync_thread)) if on])
+    if a.bundle:
+        GW_FLAGS.extend(["--bundle", str(a.bundle)])
     policy = load_policy(REPO / "policies")
     maker = MessageMaker(devices=max(2000, max(n_small, n_img) // 10))  # ~10 messages a device per row
     t_all = time.perf_counter()
