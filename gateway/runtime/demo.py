@@ -285,6 +285,7 @@ def _report(opts: DemoOptions, broker: MosquittoBroker, version: str, gw: Gatewa
         "decided": s.decided,
         "forwarded": dict(sorted(s.forwarded.items())),
         "at_destinations": dict(sorted(rx.counts.items())),
+        "bundles": {"mqtt_messages": gw.stats.bundles, "envelopes": gw.stats.bundled},
         "blocked": dict(sorted(blocked.items())),
         "dropped_with_reason": dict(sorted(s.undelivered.items())),
         "fields_removed": dict(sorted(s.removed.items())),
@@ -325,7 +326,9 @@ def format_summary(r: dict[str, Any]) -> str:
         f"  fleet             {r['devices']} devices for {r['seconds']:g}s, sent {r['sent']} messages",
         f"  gateway           received {r['received']}, decided {r['decided']}, {r['msgs_per_s']} msg/s",
         "  forwarded         " + ", ".join(f"{d} {n}" for d, n in r["forwarded"].items()),
-        "  at destinations   " + (", ".join(f"{d} {n}" for d, n in r["at_destinations"].items()) or "none"),
+        "  at destinations   " + (", ".join(f"{d} {n}" for d, n in r["at_destinations"].items()) or "none")
+        + (f" ({r['bundles']['envelopes']} envelopes in {r['bundles']['mqtt_messages']} bundles)"
+           if r.get("bundles", {}).get("mqtt_messages") else ""),
         "  blocked           " + (", ".join(f"{c} {n}" for c, n in r["blocked"].items()) or "none"),
         "  fields removed    " + (", ".join(f"{c} {n}" for c, n in r["fields_removed"].items()) or "none"),
         "  quarantined       " + (", ".join(f"{c} {n}" for c, n in r["violations_quarantined"].items()) or "none")
