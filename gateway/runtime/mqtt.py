@@ -11,7 +11,20 @@ module only moves bytes and keeps MQTT's bookkeeping:
 - outgoing QoS-1 publishes get packet ids, respect the broker's receive maximum (a window; the rest
   waits in order), and are re-sent with the DUP flag after a reconnect until acknowledged;
 - keepalive PINGREQs; CONNACK/SUBACK reason codes checked; a broken connection is reported, and
-  the owner reconnects (``connect`` may be called again on the same object).
+  the owner reconnects (``connect`` may be called again on the same object);
+- with ``ordered_acks``, PUBACKs leave strictly in the order the broker sent the messages. The
+  gateway holds acknowledgements for seconds (re-timing, burst holds) and acknowledges vault-only
+  messages at once, and out of order that breaks Mosquitto (2.0) twice over, both measured
+  (BENCHMARKS.md §4): it keeps a client's in-flight messages in a list, oldest first, and walks it on
+  every PUBACK (``db__message_delete_outgoing``: 96 % of the broker's CPU), and it gives a queued
+  message its packet id when it is queued, counting up without skipping ids still in flight, so with
+  more than 65,535 messages queued for a client a new one arrives under the id of one still
+  unacknowledged (eclipse-mosquitto/mosquitto#2431; 20,275 times in one 100,000-message run). Each
+  QoS-1 message therefore gets an ``ack_id`` of its own, the owner acknowledges by it, and PUBACKs
+  leave in arrival order: for two messages under one id the broker deletes the older first, which is
+  then the one acknowledged. The price: a message held long holds back the acknowledgements of those
+  after it (nothing is lost: the broker keeps them in flight or queued). PUBLISHes under an id still
+  unacknowledged are counted in ``reused_ids``.
 
 No other module imports ``mqtt5``; aiomqtt is used by the device simulator only.
 """
@@ -44,6 +57,7 @@ class Message:
     packet_id: int | None
     duplicate: bool
     has_properties: bool
+    ack_id: int | None = None  # with ordered_acks: this message's own handle for ``MqttClient.ack``
 
 
 OnMessages = Callable[[list[Message]], None]
@@ -64,6 +78,7 @@ class _Protocol(asyncio.Protocol):
         pos = 0
         batch: list[Message] = []
         c = self.client
+        order = c._order if c.ordered_acks else None
         with memoryview(buf) as mv:
             n_total = len(buf)
             while pos < n_total:
@@ -76,6 +91,15 @@ class _Protocol(asyncio.Protocol):
                     return
                 pos += n
                 if type(pkt) is mqtt5.PublishPacket:
+                    aid = None
+                    if order is not None and pkt.packet_id is not None:
+                        c._next_ack_id += 1
+                        aid = c._next_ack_id
+                        order.append((aid, pkt.packet_id))
+                        n_in = c._in_flight_ids.get(pkt.packet_id, 0)
+                        if n_in:
+                            c.reused_ids += 1
+                        c._in_flight_ids[pkt.packet_id] = n_in + 1
                     batch.append(
                         Message(
                             pkt.topic,
@@ -90,6 +114,7 @@ class _Protocol(asyncio.Protocol):
                                 or pkt.response_topic
                                 or pkt.content_type
                             ),
+                            aid,
                         )
                     )
                 else:
@@ -134,6 +159,7 @@ class MqttClient:
         on_messages: OnMessages | None = None,
         on_ack: OnAck | None = None,
         chunk: int = 64,
+        ordered_acks: bool = False,
     ) -> None:
         self.host, self.port, self.client_id = host, port, client_id
         self.clean_start = clean_start
@@ -144,6 +170,12 @@ class MqttClient:
         self._on_messages = on_messages or (lambda batch: None)
         self._on_ack = on_ack or (lambda pid: None)
         self.chunk = max(1, chunk)  # at most this many PUBLISHes handed over per on_messages call
+        self.ordered_acks = ordered_acks
+        self.reused_ids = 0  # PUBLISHes that came under a packet id still unacknowledged (ordered_acks)
+        self._order: deque[tuple[int, int]] = deque()  # (ack_id, packet id) not yet PUBACKed, oldest first
+        self._in_flight_ids: dict[int, int] = {}  # packet id -> how many of _order carry it
+        self._acked_early: set[int] = set()  # ack_ids acknowledged by the owner, written once older ones are
+        self._next_ack_id = 0
         self._transport: asyncio.Transport | None = None
         self._out: list[bytes] = []
         self._connack: asyncio.Future[mqtt5.ConnAckPacket] | None = None
@@ -168,6 +200,9 @@ class MqttClient:
         self.closed = loop.create_future()
         self._connack = loop.create_future()
         self._out.clear()  # nothing written for an earlier connection goes out on this one
+        self._order.clear()
+        self._in_flight_ids.clear()
+        self._acked_early.clear()
         try:
             await asyncio.wait_for(
                 loop.create_connection(lambda: _Protocol(self), self.host, self.port, ssl=self.ssl), timeout
@@ -268,9 +303,51 @@ class MqttClient:
             self._pump()
         return pid
 
-    def ack(self, packet_id: int) -> None:
-        """PUBACK a received QoS-1 message (written at the next ``flush``)."""
-        self._out.append(mqtt5.PubAckPacket(packet_id).write())
+    def ack(self, packet_id: int, ack_id: int | None = None) -> None:
+        """PUBACK a received QoS-1 message (written at the next ``flush``). With ``ordered_acks`` and the
+        message's ``ack_id``: once every message received before it is acknowledged too."""
+        if ack_id is None or not self.ordered_acks:
+            self._out.append(mqtt5.PubAckPacket(packet_id).write())
+            return
+        order = self._order
+        if not order or ack_id < order[0][0]:
+            return  # older than every message in flight: its connection is gone (the broker redelivers)
+        if order[0][0] != ack_id:
+            self._acked_early.add(ack_id)
+            return
+        self._write_ack(order.popleft()[1])
+        early = self._acked_early
+        while early and order and order[0][0] in early:
+            aid, pid = order.popleft()
+            early.discard(aid)
+            self._write_ack(pid)
+
+    def _write_ack(self, pid: int) -> None:
+        self._out.append(mqtt5.PubAckPacket(pid).write())
+        n = self._in_flight_ids.pop(pid, 1) - 1
+        if n > 0:
+            self._in_flight_ids[pid] = n
+
+    def release_acks(self) -> None:
+        """Write every acknowledgement still waiting for older messages, in arrival order (when the
+        gateway stops: what it finished is acknowledged, the rest is redelivered next time)."""
+        early = self._acked_early
+        if not early:
+            return
+        order, keep = self._order, []
+        for aid, pid in order:
+            if aid in early:
+                self._write_ack(pid)
+            else:
+                keep.append((aid, pid))
+        order.clear()
+        order.extend(keep)
+        early.clear()
+
+    @property
+    def acks_waiting(self) -> int:
+        """Acknowledgements given by the owner and not yet written (older messages are unacknowledged)."""
+        return len(self._acked_early)
 
     def flush(self) -> None:
         if self._out and self._transport is not None and self.connected:
@@ -357,6 +434,9 @@ class MqttClient:
         self.connected = False
         self._transport = None
         self._out.clear()  # PUBACKs for a dead connection are meaningless; the broker redelivers
+        self._order.clear()
+        self._in_flight_ids.clear()
+        self._acked_early.clear()
         self._stop_ping()
         err = exc or BrokerError("connection closed")
         if self._connack is not None and not self._connack.done():

@@ -336,6 +336,7 @@ class Gateway:
             username=config.username,
             password=config.password,
             on_messages=self._on_messages,
+            ordered_acks=True,  # Mosquitto walks its in-flight list on every PUBACK (runtime.mqtt)
         )
         self.uplink = MqttClient(
             host=config.uplink_host or config.host,
@@ -362,7 +363,7 @@ class Gateway:
         self._probation: dict[str, _Probation] = {}
         self._decision_tally: dict[int, tuple[Any, tuple[str, ...], tuple[str, ...]]] = {}
         self._nominal: dict[str, tuple[float, float]] = {}  # device type -> (normal msgs/s, slack)
-        self._held_acks: list[int] = []
+        self._held_acks: list[tuple[int, int | None]] = []  # (packet id, ack id)
         self._last_kind_alert: dict[str, float] = {}
         self._generation = 0
         self._paused = False
@@ -549,6 +550,7 @@ class Gateway:
             deliver.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await deliver
+            self.ingest.release_acks()  # also those whose older messages stay unacknowledged
             self.ingest.flush()
             # Read again (the disconnect handshake needs the PINGRESP) but leave any new PUBLISH
             # unacknowledged: the broker keeps it for the next start.
@@ -633,6 +635,8 @@ class Gateway:
                     stats.broker_dropped = int(m.payload)
                 continue
             stats.received += 1
+            # The message's own handle: two messages in flight may carry one packet id (runtime.mqtt)
+            handle = m.ack_id if m.ack_id is not None else m.packet_id
             out = pipeline.process(m.topic, m.payload, retain=m.retain)
             if self._done_before and out.deliveries:
                 done = self._done_before.get((out.device, out.seq))
@@ -685,7 +689,7 @@ class Gateway:
                     vaulted.append((out.device, out.seq, d.destination))
                     continue
                 ob = outboxes.get(d.destination) or self._outbox(d.destination)
-                ref = (gen, m.packet_id, out.device, out.seq, d.destination)
+                ref = (gen, handle, out.device, out.seq, d.destination)
                 if held is not None:  # beyond the device's normal volume: waits to see if it is a burst
                     held.held.append((t0, ob, d.topic, d.envelope, ref))
                     stats.held += 1
@@ -696,20 +700,20 @@ class Gateway:
                 elif self._send(ob, d.topic, d.envelope, ref):
                     n_up += 1
             audit_append(out.record)
-            if m.packet_id is not None:
+            if handle is not None:
                 if n_up:
-                    self._pending[m.packet_id] = [n_up, t0, out.device, out.seq]
+                    self._pending[handle] = [n_up, t0, out.device, out.seq, m.packet_id, m.ack_id]
                 elif out.duplicate and self._orphans and (orphan := self._orphans.get((out.device, out.seq))):
-                    orphan[2], orphan[3] = m.packet_id, gen  # PUBACKed when its deliveries are done
+                    orphan[2], orphan[3] = (m.packet_id, m.ack_id), gen  # PUBACKed when its deliveries are done
                 else:
-                    ready.append(m.packet_id)
+                    ready.append((m.packet_id, m.ack_id))
         # Group commit: one write for the audit records, vault frames and spool entries of the whole
         # batch, before any of the batch is acknowledged.
         for device, seq, dest in vaulted:
             self.done.add(device, seq, dest)
         if self._commit():
-            for pid in ready:
-                self.ingest.ack(pid)
+            for pid, aid in ready:
+                self.ingest.ack(pid, aid)
             stats.acked += len(ready)
             for ref in withdrawn:
                 self._settle(ref)
@@ -883,19 +887,19 @@ class Gateway:
 
     def _settle(self, ref: tuple[Any, ...]) -> None:
         """One destination of an ingest message is taken care of; PUBACK the message once all are."""
-        gen, ingest_pid = ref[0], ref[1]
-        if ingest_pid is None:
+        gen, key = ref[0], ref[1]
+        if key is None:
             return
         if gen != self._generation:
             self._settle_orphan(ref)
             return
-        entry = self._pending.get(ingest_pid)
+        entry = self._pending.get(key)
         if entry is None:
             return
         entry[0] -= 1
         if entry[0] == 0:
-            del self._pending[ingest_pid]
-            if self._ack_ingest(ingest_pid):
+            del self._pending[key]
+            if self._ack_ingest(entry[4], entry[5]):
                 lat = self.stats.latency_s
                 if len(lat) < 200_000:
                     lat.append(time.monotonic() - entry[1])
@@ -911,17 +915,17 @@ class Gateway:
         if orphan[0] > 0:
             return
         del self._orphans[key]
-        pid = orphan[2]
-        if pid is None or orphan[3] != self._generation:
+        handle = orphan[2]
+        if handle is None or orphan[3] != self._generation:
             return  # not redelivered yet: the redelivery is a duplicate with nothing outstanding
-        self._ack_ingest(pid)
+        self._ack_ingest(*handle)
 
-    def _ack_ingest(self, pid: int) -> bool:
+    def _ack_ingest(self, pid: int, ack_id: int | None = None) -> bool:
         """PUBACK one ingest message, or keep it for later while the disk is full. True when sent."""
         if self._disk_full is not None:
-            self._held_acks.append(pid)
+            self._held_acks.append((pid, ack_id))
             return False
-        self.ingest.ack(pid)
+        self.ingest.ack(pid, ack_id)
         self._schedule_flush()
         self.stats.acked += 1
         return True
@@ -1122,8 +1126,8 @@ class Gateway:
             return
         self._retry_overflow()
         held, self._held_acks = self._held_acks, []
-        for pid in held:
-            self.ingest.ack(pid)
+        for pid, aid in held:
+            self.ingest.ack(pid, aid)
         self.stats.acked += len(held)
         self.ingest.flush()
         self._unpause("disk_full")

@@ -48,7 +48,7 @@ def _gateway(tmp_path: Path, policy_dir: Path = POLICY_DIR) -> tuple[Gateway, li
     gw = Gateway(GatewayConfig(state_dir=tmp_path / "state", port=1, rate_headroom=None, retime=False),
                  load_policy(policy_dir))
     acks: list[int] = []
-    gw.ingest.ack = acks.append  # type: ignore[method-assign]
+    gw.ingest.ack = lambda pid, ack_id=None: acks.append(pid)  # type: ignore[method-assign]
     published: list[tuple[int, str, bytes]] = []
     real = gw.uplink.publish
 
