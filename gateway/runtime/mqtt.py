@@ -19,12 +19,14 @@ module only moves bytes and keeps MQTT's bookkeeping:
   every PUBACK (``db__message_delete_outgoing``: 96 % of the broker's CPU), and it gives a queued
   message its packet id when it is queued, counting up without skipping ids still in flight, so with
   more than 65,535 messages queued for a client a new one arrives under the id of one still
-  unacknowledged (eclipse-mosquitto/mosquitto#2431; 20,275 times in one 100,000-message run). Each
+  unacknowledged (eclipse-mosquitto/mosquitto#2431; 15,855 times in one re-timed 100,000-message run). Each
   QoS-1 message therefore gets an ``ack_id`` of its own, the owner acknowledges by it, and PUBACKs
   leave in arrival order: for two messages under one id the broker deletes the older first, which is
-  then the one acknowledged. The price: a message held long holds back the acknowledgements of those
-  after it (nothing is lost: the broker keeps them in flight or queued). PUBLISHes under an id still
-  unacknowledged are counted in ``reused_ids``.
+  then the one acknowledged. A message unacknowledged for longer than ``ack_wait_s`` (10 s: beyond
+  the longest re-timing batch, e.g. a burst hold of 30 s) stops holding back those after it: it is
+  set aside and acknowledged on its own when it is done, so one held device cannot fill the window
+  and stall the site's ingest. PUBLISHes under an id still unacknowledged are counted in
+  ``reused_ids``.
 
 No other module imports ``mqtt5``; aiomqtt is used by the device simulator only.
 """
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl as _ssl
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,6 +82,7 @@ class _Protocol(asyncio.Protocol):
         batch: list[Message] = []
         c = self.client
         order = c._order if c.ordered_acks else None
+        now = time.monotonic() if order is not None else 0.0
         with memoryview(buf) as mv:
             n_total = len(buf)
             while pos < n_total:
@@ -95,7 +99,7 @@ class _Protocol(asyncio.Protocol):
                     if order is not None and pkt.packet_id is not None:
                         c._next_ack_id += 1
                         aid = c._next_ack_id
-                        order.append((aid, pkt.packet_id))
+                        order.append((aid, pkt.packet_id, now))
                         n_in = c._in_flight_ids.get(pkt.packet_id, 0)
                         if n_in:
                             c.reused_ids += 1
@@ -160,6 +164,7 @@ class MqttClient:
         on_ack: OnAck | None = None,
         chunk: int = 64,
         ordered_acks: bool = False,
+        ack_wait_s: float = 10.0,
     ) -> None:
         self.host, self.port, self.client_id = host, port, client_id
         self.clean_start = clean_start
@@ -172,7 +177,9 @@ class MqttClient:
         self.chunk = max(1, chunk)  # at most this many PUBLISHes handed over per on_messages call
         self.ordered_acks = ordered_acks
         self.reused_ids = 0  # PUBLISHes that came under a packet id still unacknowledged (ordered_acks)
-        self._order: deque[tuple[int, int]] = deque()  # (ack_id, packet id) not yet PUBACKed, oldest first
+        self.ack_wait_s = ack_wait_s
+        self._order: deque[tuple[int, int, float]] = deque()  # (ack_id, packet id, arrival), oldest first
+        self._set_aside: dict[int, int] = {}  # ack_id -> packet id: held past ack_wait_s, acked on its own
         self._in_flight_ids: dict[int, int] = {}  # packet id -> how many of _order carry it
         self._acked_early: set[int] = set()  # ack_ids acknowledged by the owner, written once older ones are
         self._next_ack_id = 0
@@ -203,6 +210,7 @@ class MqttClient:
         self._order.clear()
         self._in_flight_ids.clear()
         self._acked_early.clear()
+        self._set_aside.clear()
         try:
             await asyncio.wait_for(
                 loop.create_connection(lambda: _Protocol(self), self.host, self.port, ssl=self.ssl), timeout
@@ -311,14 +319,23 @@ class MqttClient:
             return
         order = self._order
         if not order or ack_id < order[0][0]:
-            return  # older than every message in flight: its connection is gone (the broker redelivers)
+            pid = self._set_aside.pop(ack_id, None)
+            if pid is not None:  # held long and set aside: acknowledged on its own
+                self._write_ack(pid)
+            return  # else older than every message in flight: its connection is gone (redelivered)
         if order[0][0] != ack_id:
             self._acked_early.add(ack_id)
-            return
-        self._write_ack(order.popleft()[1])
+            if time.monotonic() - order[0][2] <= self.ack_wait_s:
+                return
+            # the oldest has waited too long (a burst hold): it and any like it stop holding the rest back
+            while order and order[0][0] not in self._acked_early and time.monotonic() - order[0][2] > self.ack_wait_s:
+                aid, pid, _ = order.popleft()
+                self._set_aside[aid] = pid
+        else:
+            self._write_ack(order.popleft()[1])
         early = self._acked_early
         while early and order and order[0][0] in early:
-            aid, pid = order.popleft()
+            aid, pid, _ = order.popleft()
             early.discard(aid)
             self._write_ack(pid)
 
@@ -335,11 +352,11 @@ class MqttClient:
         if not early:
             return
         order, keep = self._order, []
-        for aid, pid in order:
-            if aid in early:
-                self._write_ack(pid)
+        for item in order:
+            if item[0] in early:
+                self._write_ack(item[1])
             else:
-                keep.append((aid, pid))
+                keep.append(item)
         order.clear()
         order.extend(keep)
         early.clear()
@@ -348,6 +365,11 @@ class MqttClient:
     def acks_waiting(self) -> int:
         """Acknowledgements given by the owner and not yet written (older messages are unacknowledged)."""
         return len(self._acked_early)
+
+    @property
+    def acks_set_aside(self) -> int:
+        """Messages unacknowledged past ``ack_wait_s``, no longer holding the others back."""
+        return len(self._set_aside)
 
     def flush(self) -> None:
         if self._out and self._transport is not None and self.connected:
@@ -437,6 +459,7 @@ class MqttClient:
         self._order.clear()
         self._in_flight_ids.clear()
         self._acked_early.clear()
+        self._set_aside.clear()
         self._stop_ping()
         err = exc or BrokerError("connection closed")
         if self._connack is not None and not self._connack.done():

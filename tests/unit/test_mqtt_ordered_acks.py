@@ -44,9 +44,10 @@ def _written(t: _Transport) -> list[int]:
     return ids
 
 
-def _client() -> tuple[MqttClient, _Protocol, _Transport, list[Message]]:
+def _client(ack_wait_s: float = 10.0) -> tuple[MqttClient, _Protocol, _Transport, list[Message]]:
     got: list[Message] = []
-    client = MqttClient(host="127.0.0.1", port=1, client_id="t", on_messages=got.extend, ordered_acks=True)
+    client = MqttClient(host="127.0.0.1", port=1, client_id="t", on_messages=got.extend, ordered_acks=True,
+                        ack_wait_s=ack_wait_s)
     client.connected = True
     transport = _Transport()
     proto = _Protocol(client)
@@ -86,6 +87,18 @@ def test_a_reused_packet_id_is_counted_and_each_message_acknowledged_on_its_own(
     client.flush()
     # in arrival order: the broker deletes the older 9 on the first PUBACK, the younger on the second
     assert _written(transport) == [9, 10, 9]
+
+
+def test_a_message_held_past_the_wait_stops_holding_the_others_back() -> None:
+    client, proto, transport, got = _client(ack_wait_s=0.0)  # every wait is "too long" here
+    proto.data_received(b"".join(_publish(pid, i) for i, pid in enumerate([1, 2, 3])))
+    client.ack(2, got[1].ack_id)  # 1 is held (say a 30 s burst hold): 2 and 3 must not wait for it
+    client.ack(3, got[2].ack_id)
+    client.flush()
+    assert _written(transport) == [2, 3] and client.acks_set_aside == 1
+    client.ack(1, got[0].ack_id)  # done at last: acknowledged on its own
+    client.flush()
+    assert _written(transport) == [2, 3, 1] and client.acks_set_aside == 0
 
 
 def test_release_writes_what_waits_and_a_lost_connection_forgets_everything() -> None:
