@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import mqtt5
+
 from gateway.catalog import DEVICE_TYPES
 from gateway.model import Decision, MessageFacts, Route
 
@@ -55,3 +57,29 @@ class FakePolicy:
                 Route("vendor", False, rules=("default-deny",), reason="policy.default_deny"),
             ),
         )
+
+
+class FakeTransport:
+    """What an asyncio transport is to ``runtime.mqtt._Protocol``: it only records the writes."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def pubacks_in(writes: list[bytes]) -> list[int]:
+    """The packet ids of the PUBACKs in ``writes``, in order (anything else fails the test)."""
+    ids = []
+    for data in writes:
+        mv, pos = memoryview(data), 0
+        while pos < len(data):
+            pkt, n = mqtt5.read(mv[pos:])
+            pos += n
+            assert type(pkt) is mqtt5.PubAckPacket
+            ids.append(pkt.packet_id)
+    return ids

@@ -7,17 +7,7 @@ from __future__ import annotations
 import mqtt5
 
 from gateway.runtime.mqtt import MqttClient, _Protocol
-
-
-class _Transport:
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def is_closing(self) -> bool:
-        return False
+from tests.fakes import FakeTransport, pubacks_in
 
 
 def _publishes(n: int) -> bytes:
@@ -26,23 +16,13 @@ def _publishes(n: int) -> bytes:
         for i in range(n))
 
 
-def _pubacks(data: bytes) -> list[int]:
-    ids, mv, pos = [], memoryview(data), 0
-    while pos < len(data):
-        pkt, n = mqtt5.read(mv[pos:])
-        pos += n
-        assert type(pkt) is mqtt5.PubAckPacket
-        ids.append(pkt.packet_id)
-    return ids
-
-
-def _client(chunk: int) -> tuple[MqttClient, _Protocol, _Transport, list[tuple[int, int]]]:
+def _client(chunk: int) -> tuple[MqttClient, _Protocol, FakeTransport, list[tuple[int, int]]]:
     calls: list[tuple[int, int]] = []  # (first packet id, size) per on_messages call
-    transport = _Transport()
+    transport = FakeTransport()
 
     def on_messages(batch: list) -> None:
         # what was written before this chunk was handed over: every earlier chunk's PUBACKs
-        acked = [pid for w in transport.writes for pid in _pubacks(w)]
+        acked = [pid for w in transport.writes for pid in pubacks_in([w])]
         assert acked == list(range(1, batch[0].packet_id)), "an earlier chunk's PUBACKs were not written first"
         calls.append((batch[0].packet_id, len(batch)))
         for m in batch:
@@ -60,11 +40,11 @@ def test_a_large_read_is_handed_over_in_chunks_each_acknowledged_before_the_next
     data = _publishes(200)
     proto.data_received(data[:-7])  # the last packet arrives incomplete
     assert calls == [(1, 64), (65, 64), (129, 64), (193, 7)]
-    assert [pid for w in transport.writes for pid in _pubacks(w)] == list(range(1, 200))
+    assert [pid for w in transport.writes for pid in pubacks_in([w])] == list(range(1, 200))
     assert len(transport.writes) == 4
     proto.data_received(data[-7:])
     assert calls[-1] == (200, 1)
-    assert [pid for w in transport.writes for pid in _pubacks(w)] == list(range(1, 201))
+    assert [pid for w in transport.writes for pid in pubacks_in([w])] == list(range(1, 201))
     assert client.received == 200
 
 

@@ -15,41 +15,23 @@ from gateway.catalog import RESULT_STREAM
 from gateway.policy import load_policy
 from gateway.runtime.mqtt import Message, MqttClient, _Protocol
 from gateway.runtime.service import Gateway, GatewayConfig
-
-
-class _Transport:
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def is_closing(self) -> bool:
-        return False
+from tests.fakes import FakeTransport, pubacks_in
 
 
 def _publish(pid: int, i: int) -> bytes:
     return mqtt5.PublishPacket(f"site/dev/{i}", b"x", qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=pid).write()
 
 
-def _written(t: _Transport) -> list[int]:
-    ids = []
-    for w in t.writes:
-        mv, pos = memoryview(w), 0
-        while pos < len(w):
-            pkt, n = mqtt5.read(mv[pos:])
-            pos += n
-            assert type(pkt) is mqtt5.PubAckPacket
-            ids.append(pkt.packet_id)
-    return ids
+def _written(t: FakeTransport) -> list[int]:
+    return pubacks_in(t.writes)
 
 
-def _client(ack_wait_s: float = 10.0) -> tuple[MqttClient, _Protocol, _Transport, list[Message]]:
+def _client(ack_wait_s: float = 10.0) -> tuple[MqttClient, _Protocol, FakeTransport, list[Message]]:
     got: list[Message] = []
     client = MqttClient(host="127.0.0.1", port=1, client_id="t", on_messages=got.extend, ordered_acks=True,
                         ack_wait_s=ack_wait_s)
     client.connected = True
-    transport = _Transport()
+    transport = FakeTransport()
     proto = _Protocol(client)
     proto.connection_made(transport)  # type: ignore[arg-type]
     return client, proto, transport, got
