@@ -80,6 +80,19 @@ def _interleave(batch: list[tuple[str, bytes, tuple[Any, ...]]]) -> list[tuple[s
     return out
 
 
+def _bundles(items: list[Any], most: int) -> list[list[Any]]:
+    """Spool items (``.payload``) in runs of at most ``most`` and ``BUNDLE_MAX_BYTES``, in order."""
+    groups: list[list[Any]] = []
+    size = 0
+    for item in items:
+        if not groups or len(groups[-1]) >= most or size + len(item.payload) > BUNDLE_MAX_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += len(item.payload)
+    return groups
+
+
 def _since_last_audit_write(directory: Path, now: float) -> float:
     """Seconds since the newest audit file was written (0.0 for a new gateway)."""
     try:
@@ -1300,20 +1313,11 @@ class Gateway:
             return
         items = ob.spool.next_batch(n)
         ob.drain_tokens -= len(items)
-        i = 0
-        while i < len(items):  # as bundles when the destination takes them (bounded size)
-            topic, group, size = items[i].topic, [items[i]], len(items[i].payload)
+        for group in _bundles(items, ob.bundle):  # as bundles when the destination takes them
             if ob.bundle > 1:
-                topic = ob.topic
-                while (i + len(group) < len(items) and len(group) < ob.bundle
-                       and size + len(items[i + len(group)].payload) <= BUNDLE_MAX_BYTES):
-                    size += len(items[i + len(group)].payload)
-                    group.append(items[i + len(group)])
-                payload = pack_bundle([item.payload for item in group])
+                pid = link.client.publish(ob.topic, pack_bundle([item.payload for item in group]))
             else:
-                payload = group[0].payload
-            i += len(group)
-            pid = link.client.publish(topic, payload)
+                pid = link.client.publish(group[0].topic, group[0].payload)
             assert pid is not None
             link.uplink_for[pid] = ("S", ob, tuple(item.id for item in group))
             link.bundled += len(group) - 1

@@ -4,9 +4,11 @@ envelopes are; a destination declared down gets each bundled envelope parked on 
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgpack
 import pytest
@@ -17,7 +19,7 @@ from gateway.crypto.envelope import BUNDLE_PREFIX, Header, open_envelope, pack_b
 from gateway.errors import CryptoError
 from gateway.policy import load_policy
 from gateway.runtime.mqtt import Message
-from gateway.runtime.service import BUNDLE_MAX_BYTES, Gateway, GatewayConfig
+from gateway.runtime.service import BUNDLE_MAX_BYTES, Gateway, GatewayConfig, _bundles
 
 POLICY_DIR = Path(__file__).resolve().parents[2] / "policies"
 
@@ -76,7 +78,7 @@ def test_one_read_leaves_as_one_bundle_per_destination_and_is_acknowledged_with_
         for dest, bundles in by_dest.items():
             assert sum(map(len, bundles)) == mqtt_fwd[dest]
             # a new bundle only when the next envelope would have taken this one past the size bound
-            for this, nxt in zip(bundles, bundles[1:]):
+            for this, nxt in itertools.pairwise(bundles):
                 assert sum(map(len, this)) + len(nxt[0]) > BUNDLE_MAX_BYTES
             for env in (e for b in bundles for e in b):
                 h, _ = open_envelope(gw.keyring, env)
@@ -135,3 +137,10 @@ def test_a_destination_declared_down_parks_every_envelope_of_its_bundles(tmp_pat
         assert gw._default_link.bundled == 0
     finally:
         gw.audit.close()
+
+
+def test_a_spool_drains_in_bundles_bounded_by_count_and_size_in_order() -> None:
+    items = [SimpleNamespace(id=i, payload=b"x" * n) for i, n in enumerate([10, 10, 10, BUNDLE_MAX_BYTES, 10, 10])]
+    assert [[it.id for it in g] for g in _bundles(items, 2)] == [[0, 1], [2], [3], [4, 5]]
+    assert [[it.id for it in g] for g in _bundles(items, 64)] == [[0, 1, 2], [3], [4, 5]]
+    assert [[it.id for it in g] for g in _bundles(items, 1)] == [[i] for i in range(6)]
