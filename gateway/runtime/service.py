@@ -821,6 +821,10 @@ class Gateway:
             "uplink": "connected" if self.uplink.connected else "disconnected",
             "uplink_backlog": self._pending_out(),
             "awaiting_uplink_ack": len(self._pending),
+            # PUBACKs leave in arrival order (runtime.mqtt): given but waiting for older messages; held
+            # past ack_wait_s and set aside; PUBLISHes that came under a packet id still in flight
+            "ingest_acks": {"waiting": self.ingest.acks_waiting, "set_aside": self.ingest.acks_set_aside,
+                            "reused_ids": self.ingest.reused_ids},
             # envelopes of devices sending beyond their normal rate, waiting out burst_hold_s
             "held": sum(len(p.held) for p in self._probation.values()),
             "paused": sorted(self._pause_reasons) if self._pause_reasons else False,

@@ -121,5 +121,6 @@ def test_the_gateway_keeps_two_messages_under_one_packet_id_apart(tmp_path: Path
             gw._on_uplink_ack(link, pid)
         assert sorted(acks) == [(9, 100 + i) for i in range(6)]  # each acknowledged once, by its own id
         assert not gw._pending
+        assert gw.status()["ingest_acks"] == {"waiting": 0, "set_aside": 0, "reused_ids": 0}
     finally:
         gw.audit.close()
