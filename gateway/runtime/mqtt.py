@@ -199,6 +199,7 @@ class MqttClient:
         self.session_present = False
         self.received = 0
         self.acked_out = 0
+        self.pending_out_bytes = 0  # payload bytes of the QoS-1 publishes not yet acknowledged
         self.refused_out = 0  # outgoing publishes the broker acknowledged with an error reason (e.g. ACL)
 
     # ---------------------------------------------------------------- connection
@@ -307,6 +308,7 @@ class MqttClient:
             return None
         pid = self._alloc_id()
         self._waiting.append((pid, topic, payload))
+        self.pending_out_bytes += len(payload)
         if self.connected and len(self._inflight) < self._window:
             self._pump()
         return pid
@@ -383,6 +385,7 @@ class MqttClient:
         out = [(pid, t, p) for pid, (t, p) in self._inflight.items()] + list(self._waiting)
         self._inflight.clear()
         self._waiting.clear()
+        self.pending_out_bytes = 0
         return out
 
     @property
@@ -426,7 +429,9 @@ class MqttClient:
         t = type(pkt)
         if t is mqtt5.PubAckPacket:
             pid = pkt.packet_id  # type: ignore[attr-defined]
-            if self._inflight.pop(pid, None) is not None:
+            done = self._inflight.pop(pid, None)
+            if done is not None:
+                self.pending_out_bytes -= len(done[1])
                 self.acked_out += 1
                 if int(pkt.reason_code) >= 0x80:  # type: ignore[attr-defined]
                     self.refused_out += 1

@@ -142,6 +142,10 @@ class GatewayConfig:
     share_group: str | None = None  # "$share/<group>/..." when several workers share the ingest
     alert_topic: str = "edgeward/alerts"  # operator alerts (policy reload failures, detections)
     max_pending: int = 20_000  # uplink publishes not yet acknowledged before ingest pauses
+    # Sealed envelopes held in memory, waiting for their re-timed batch or for their uplink's PUBACK
+    # (max_pending counts envelopes; images make the bytes large): past it, ingest pauses until
+    # releases and acknowledgements bring it under half.
+    max_held_mb: float = 1024.0
     key_max_messages: int = 2**24
     key_max_age_s: float = 24 * 3600.0
     # A site (edgeward init) supplies these; without them (tests) a local KEK file is generated.
@@ -256,6 +260,7 @@ class _Outbox:
     spool: Spool | None
     when_full: str = "refuse_new"
     queue: list[tuple[str, bytes, tuple[Any, ...]]] = field(default_factory=list)  # until the next release
+    queue_bytes: int = 0
     overflow: list[tuple[str, bytes, tuple[Any, ...]]] = field(default_factory=list)  # spool full / disk full
     next_release: float = 0.0
     sent: int = 0
@@ -709,6 +714,7 @@ class Gateway:
                     n_up += 1
                 elif ob.retime_s and not ob.hold:
                     ob.queue.append((d.topic, d.envelope, ref))  # released at the next batch boundary
+                    ob.queue_bytes += len(d.envelope)
                     n_up += 1
                 elif self._send(ob, d.topic, d.envelope, ref):
                     n_up += 1
@@ -736,6 +742,8 @@ class Gateway:
         if not self._paused and self._pending_out() > self.config.max_pending:
             self._paused = True
             self._pause("backpressure")
+        if self._held_bytes() > self.config.max_held_mb * 2**20:
+            self._pause("memory")
 
     def _on_violation(self, out: Any, m: Message, *, code: str = "") -> None:
         """A device broke a built-in invariant: keep the evidence sealed in the local quarantine, and
@@ -827,6 +835,7 @@ class Gateway:
                             "reused_ids": self.ingest.reused_ids},
             # envelopes of devices sending beyond their normal rate, waiting out burst_hold_s
             "held": sum(len(p.held) for p in self._probation.values()),
+            "held_mb": round(self._held_bytes() / 2**20, 1),  # sealed envelopes: in batches and in flight
             "paused": sorted(self._pause_reasons) if self._pause_reasons else False,
             "disk_full": self._disk_full,
             "isolated": sorted(self.isolated),
@@ -963,6 +972,7 @@ class Gateway:
         if self._paused and self._pending_out() < self.config.max_pending // 2:
             self._paused = False
             self._unpause("backpressure")
+        self._unpause_memory()
 
     # ------------------------------------------------------------------ uplinks, spools, the disk
     def _ensure_outboxes(self) -> None:
@@ -1199,7 +1209,7 @@ class Gateway:
                 # Released only at the gateway's own boundaries, drawn whatever the devices do: the
                 # destination sees batches, and the header says the boundary, not the device's ts.
                 if ob.queue:
-                    batch, ob.queue = _interleave(ob.queue), []
+                    batch, ob.queue, ob.queue_bytes = _interleave(ob.queue), [], 0
                     for topic, envelope, ref in batch:
                         if not self._send(ob, topic, envelope, ref):
                             settled.append(ref)
@@ -1212,6 +1222,17 @@ class Gateway:
             for ref in settled:
                 self._settle(ref)
         self._flush_out()
+        self._unpause_memory()
+
+    def _held_bytes(self) -> int:
+        """Bytes of sealed envelopes in memory: waiting for their re-timed batch, or published and not
+        yet acknowledged by their uplink."""
+        return (sum(ob.queue_bytes for ob in self.outboxes.values())
+                + sum(link.client.pending_out_bytes for link in self._links.values()))
+
+    def _unpause_memory(self) -> None:
+        if "memory" in self._pause_reasons and self._held_bytes() < self.config.max_held_mb * 2**19:
+            self._unpause("memory")
 
     # ------------------------------------------------------------------ holding excess volume
     def _probation_hold(self, out: Any, now: float) -> _Probation | None:
@@ -1279,6 +1300,7 @@ class Gateway:
                 _, ob, topic, envelope, ref = p.held.popleft()
                 if ob.retime_s and not ob.hold:
                     ob.queue.append((topic, envelope, ref))
+                    ob.queue_bytes += len(envelope)
                 elif not self._send(ob, topic, envelope, ref):
                     settled.append(ref)
         return settled
@@ -1368,7 +1390,7 @@ class Gateway:
             if id(ob) in rewind and ob.spool is not None:
                 ob.spool.rewind()
             if ob.link is link and ob.queue:  # the batch not yet released follows, in its order
-                batch, ob.queue = ob.queue, []
+                batch, ob.queue, ob.queue_bytes = ob.queue, [], 0
                 for topic, payload, ref in batch:
                     if not self._park(ob, topic, payload, ref):
                         settled.append(ref)
