@@ -208,10 +208,7 @@ class MqttClient:
         self.closed = loop.create_future()
         self._connack = loop.create_future()
         self._out.clear()  # nothing written for an earlier connection goes out on this one
-        self._order.clear()
-        self._in_flight_ids.clear()
-        self._acked_early.clear()
-        self._set_aside.clear()
+        self._forget_acks()
         try:
             await asyncio.wait_for(
                 loop.create_connection(lambda: _Protocol(self), self.host, self.port, ssl=self.ssl), timeout
@@ -327,10 +324,11 @@ class MqttClient:
             return  # else older than every message in flight: its connection is gone (redelivered)
         if order[0][0] != ack_id:
             self._acked_early.add(ack_id)
-            if time.monotonic() - order[0][2] <= self.ack_wait_s:
+            too_old = time.monotonic() - self.ack_wait_s
+            if order[0][2] >= too_old:
                 return
             # the oldest has waited too long (a burst hold): it and any like it stop holding the rest back
-            while order and order[0][0] not in self._acked_early and time.monotonic() - order[0][2] > self.ack_wait_s:
+            while order and order[0][0] not in self._acked_early and order[0][2] < too_old:
                 aid, pid, _ = order.popleft()
                 self._set_aside[aid] = pid
         else:
@@ -340,6 +338,13 @@ class MqttClient:
             aid, pid, _ = order.popleft()
             early.discard(aid)
             self._write_ack(pid)
+
+    def _forget_acks(self) -> None:
+        """A new or lost connection: acknowledgements owed on the old one are meaningless (redelivered)."""
+        self._order.clear()
+        self._in_flight_ids.clear()
+        self._acked_early.clear()
+        self._set_aside.clear()
 
     def _write_ack(self, pid: int) -> None:
         self._out.append(mqtt5.PubAckPacket(pid).write())
@@ -461,10 +466,7 @@ class MqttClient:
         self.connected = False
         self._transport = None
         self._out.clear()  # PUBACKs for a dead connection are meaningless; the broker redelivers
-        self._order.clear()
-        self._in_flight_ids.clear()
-        self._acked_early.clear()
-        self._set_aside.clear()
+        self._forget_acks()
         self._stop_ping()
         err = exc or BrokerError("connection closed")
         if self._connack is not None and not self._connack.done():
