@@ -61,6 +61,23 @@ def _runner(uv: bool) -> asyncio.Runner:
 
 
 # ------------------------------------------------------------------------------------------ gateway
+def _gc_pause_recorder() -> dict[int, list[float]]:
+    """The duration of every garbage collection, per generation, in ms (a pause of the event loop)."""
+    import gc
+
+    pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    started = [0.0]
+
+    def cb(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses[info["generation"]].append(round((time.perf_counter() - started[0]) * 1e3, 3))
+
+    gc.callbacks.append(cb)
+    return pauses
+
+
 def role_gateway(a: argparse.Namespace) -> None:
     """The real gateway, as ``edgeward run`` builds it; reports when ``expect`` messages are done."""
     from gateway.policy import load_policy
@@ -86,6 +103,7 @@ def role_gateway(a: argparse.Namespace) -> None:
             _fsync_off_loop(gw)
         t0, c0 = time.perf_counter(), cpu_s()
         async with gw:
+            gc_pauses = _gc_pause_recorder()  # from here: start-up's own collection is not a pause in service
             emit(event="ready", pid=os.getpid())
             serve = asyncio.create_task(gw.serve(stop), name="bench-serve")
             if a.expect:
@@ -114,7 +132,7 @@ def role_gateway(a: argparse.Namespace) -> None:
         lat = sorted(gw.stats.latency_s)
         pct = {f"p{p}": lat[min(len(lat) - 1, int(p / 100 * len(lat)))] * 1e3 for p in (50, 99)} if lat else {}
         emit(event="final", stats=gw.stats.to_json(), cpu_total=cpu_s() - c0, latency_ms=pct,
-             latency_n=len(lat), **rss_kb())
+             latency_n=len(lat), gc_pauses_ms=gc_pauses, **rss_kb())
 
     with _runner(a.uvloop) as r:
         r.run(main())

@@ -466,14 +466,18 @@ def latency_phase(msgs: list[tuple[str, bytes]], rate: float | None, policy: Any
         broker = start_broker(root / "b2")
         state = root / "gw"
         try:
-            gw = Child("gateway", "--port", str(broker.port), "--state", str(state), *GW_FLAGS)
+            # --expect: the gateway reports "done" once every message is decided and acknowledged; it is
+            # stopped only then (a fixed sleep stopped it early at full speed and counted the rest lost).
+            gw = Child("gateway", "--port", str(broker.port), "--state", str(state), "--expect", str(len(msgs)),
+                       "--qos", "1", *GW_FLAGS)
             dst = Child("acksub", "--port", str(broker.port), "--record", str(root / "dst.json"),
                         "--filter", "edgeward/out/#", "--client-id", DEST_ID)
             try:
                 gw.wait("ready")
                 dst.wait("ready")
                 sent2, fin2 = pace(broker.port)
-                time.sleep(1.0)
+                gw.wait("done", 120)
+                time.sleep(0.3)
                 gw.stop()
                 final = gw.wait("final", 60)
                 time.sleep(0.3)
@@ -505,7 +509,9 @@ def latency_phase(msgs: list[tuple[str, bytes]], rate: float | None, policy: Any
         rx = types.SimpleNamespace(_seen=seen, duplicates=dup, undecryptable=0)
         rec = reconcile(policy, keys, state, rx)  # type: ignore[arg-type]
     out.update(plain_n=len(plain), through_n=len(through), lost=rec["lost"], dups=rec["dups"], reconcile=rec,
-               rss_mb=final["VmRSS"] / 1024, peak_rss_mb=final["VmHWM"] / 1024)
+               rss_mb=final["VmRSS"] / 1024, peak_rss_mb=final["VmHWM"] / 1024,
+               gc_pauses={g: {"n": len(v), "max_ms": max(v, default=0.0), "total_ms": sum(v)}
+                          for g, v in final.get("gc_pauses_ms", {}).items()})
     if rate is None:
         log(f"  [live destination, unpaced] {out.get('through_msgs_per_s', 0):,.0f} msg/s through the gateway; "
             f"lost {rec['lost']}")
@@ -517,6 +523,8 @@ def latency_phase(msgs: list[tuple[str, bytes]], rate: float | None, policy: Any
     log(f"  [latency @ {rate:,.0f} msg/s] plain p50 {out['plain_p50_ms']:.2f} p99 {out['plain_p99_ms']:.2f} ms; "
         f"through gateway p50 {out['through_p50_ms']:.2f} p99 {out['through_p99_ms']:.2f} ms; "
         f"gateway-added p50 {out['added_p50_ms']:.2f} p99 {out['added_p99_ms']:.2f} ms; lost {rec['lost']}")
+    log("  [latency] gateway GC pauses: " + ", ".join(
+        f"gen{g} {v['n']}x max {v['max_ms']:.1f} ms" for g, v in out["gc_pauses"].items()))
     return out
 
 
@@ -663,6 +671,9 @@ def report(meta: dict[str, Any], results: list[dict[str, Any]], latency: dict[st
             over = sum(1 for w in tl if w["p99"] > 5.0)
             print(f"through the gateway, p99 ms per 0.5 s of sending ({over} of {len(tl)} windows above 5 ms): "
                   + " ".join(f"{w['p99']:.0f}" for w in tl))
+        if L.get("gc_pauses"):
+            print("gateway garbage collections during the paced run (each one pauses the event loop): " + ", ".join(
+                f"gen{g} {v['n']}x, longest {v['max_ms']:.1f} ms" for g, v in L["gc_pauses"].items()))
     print("\nheadline: Edgeward / C-client QoS-1 ceiling = "
           + ", ".join(f"{m} {v:.2f}" for m, v in meta["headline_ratio"].items()))
 
