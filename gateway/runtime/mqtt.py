@@ -369,6 +369,13 @@ class MqttClient:
         early.clear()
 
     @property
+    def write_buffer_bytes(self) -> int:
+        """Bytes written and not yet taken by the socket (a second copy of what is in flight while the
+        broker reads slower than we write)."""
+        t = self._transport
+        return t.get_write_buffer_size() if t is not None and not t.is_closing() else 0
+
+    @property
     def acks_waiting(self) -> int:
         """Acknowledgements given by the owner and not yet written (older messages are unacknowledged)."""
         return len(self._acked_early)

@@ -48,7 +48,7 @@ from typing import Any
 
 from gateway.audit.chain import AuditLog
 from gateway.audit.checkpoint import Checkpointer
-from gateway.crypto.envelope import pack_bundle, pack_header, seal_packed
+from gateway.crypto.envelope import pack_bundle, pack_header, seal_packed, unbundle
 from gateway.crypto.keys import DataKeyring, load_or_create_kek
 from gateway.crypto.recipient import RecipientSealer
 from gateway.detect import RateBaseline
@@ -896,8 +896,7 @@ class Gateway:
             link.bundled -= len(items) - 1
             ob.sent += len(items)
             done_add, settle = self.done.add, self._settle
-            for item in items:
-                r = item[2]
+            for _topic, r in items:
                 done_add(r[2], r[3], r[4])
                 settle(r)
             return
@@ -1049,7 +1048,9 @@ class Gateway:
         link = ob.link
         pid = link.client.publish(ob.topic, pack_bundle([item[1] for item in items]))
         assert pid is not None
-        link.uplink_for[pid] = ("B", ob, items)
+        # The bundle's bytes (kept by the client until acknowledged) are the only copy of its envelopes:
+        # the ref keeps each one's topic and ingest ref, and a destination declared down unbundles them.
+        link.uplink_for[pid] = ("B", ob, [(item[0], item[2]) for item in items])
         link.bundled += len(items) - 1
         self.stats.bundles += 1
         self.stats.bundled += len(items)
@@ -1227,10 +1228,11 @@ class Gateway:
         self._unpause_memory()
 
     def _held_bytes(self) -> int:
-        """Bytes of sealed envelopes in memory: waiting for their re-timed batch, or published and not
-        yet acknowledged by their uplink."""
+        """Bytes of sealed envelopes in memory: waiting for their re-timed batch, published and not yet
+        acknowledged by their uplink, and the copies of those still in an uplink's socket buffer."""
         return (sum(ob.queue_bytes for ob in self.outboxes.values())
-                + sum(link.client.pending_out_bytes for link in self._links.values()))
+                + sum(link.client.pending_out_bytes + link.client.write_buffer_bytes
+                      for link in self._links.values()))
 
     def _unpause_memory(self) -> None:
         if "memory" in self._pause_reasons and self._held_bytes() < self.config.max_held_mb * 2**19:
@@ -1381,7 +1383,8 @@ class Gateway:
                 rewind.add(id(ref[1]))
                 continue
             if ref[0] == "B":  # a bundle: each envelope is parked on its own, in order
-                ob, items = ref[1], ref[2]
+                ob = ref[1]
+                items = [(t, env, r) for (t, r), env in zip(ref[2], unbundle(payload), strict=True)]
                 link.bundled -= len(items) - 1
             else:
                 ob, items = self.outboxes[ref[4]], [(topic, payload, ref)]

@@ -129,8 +129,13 @@ def test_a_destination_declared_down_parks_every_envelope_of_its_bundles(tmp_pat
         gw._declare_down(gw._default_link)
         ob = gw.outboxes["customs_nl"]
         assert ob.spool is not None and ob.spool.backlog == n_customs  # rest_at_edge: each one spooled
-        spooled = [Header.unpack(msgpack.unpackb(item.payload)["h"]) for item in ob.spool.next_batch(1000)]
+        items = ob.spool.next_batch(1000)
+        # the very envelopes the bundles carried, in order, each under the topic it would have had alone
+        assert [it.payload for it in items] == [e for _, t, p in published if t == "edgeward/out/customs_nl"
+                                                 for e in unbundle(p)]
+        spooled = [Header.unpack(msgpack.unpackb(item.payload)["h"]) for item in items]
         assert {h.destination for h in spooled} == {"customs_nl"}
+        assert [it.topic for it in items] == [f"edgeward/out/customs_nl/{h.device}/{h.stream}" for h in spooled]
         # eu_hub and vendor_maintenance may not rest here: dropped with a reason; nothing waits any more
         assert gw.stats.undelivered["eu_hub:uplink.unreachable"] > 0
         assert sorted(acks) == sorted(m.packet_id for m in batch)

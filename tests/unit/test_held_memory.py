@@ -45,3 +45,32 @@ def test_ingest_pauses_while_batches_hold_too_many_bytes_and_resumes_after_the_r
         assert sorted(acks) == sorted(m.packet_id for m in msgs)  # every message acknowledged, none lost
     finally:
         gw.audit.close()
+
+
+def test_bytes_waiting_in_an_uplink_socket_buffer_count_as_held(tmp_path: Path) -> None:
+    """A broker that reads slower than the gateway writes leaves a second copy of what is in flight in
+    the transport's buffer: it is memory too, so it counts against the bound."""
+    gw = Gateway(GatewayConfig(state_dir=tmp_path, port=1, rate_headroom=None, max_held_mb=1.0),
+                 load_policy(POLICY_DIR))
+    try:
+        assert gw._held_bytes() == 0
+        gw.uplink._transport = _SlowSocket(3 * 2**20)  # type: ignore[assignment]
+        assert gw._held_bytes() == 3 * 2**20
+        gw._on_messages([])
+        assert "memory" in gw._pause_reasons
+    finally:
+        gw.audit.close()
+
+
+class _SlowSocket:
+    def __init__(self, buffered: int) -> None:
+        self.buffered = buffered
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
