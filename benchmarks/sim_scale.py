@@ -137,14 +137,18 @@ async def _gateway_main(args: argparse.Namespace) -> None:
     threading.Thread(target=read_stdin, daemon=True).start()
     policy = load_policy(Path(args.policy))
     cfg = GatewayConfig(state_dir=Path(args.state), port=args.port,
-                        rate_headroom=None if args.no_rate_headroom else 2.5)
+                        rate_headroom=None if args.no_rate_headroom else 2.5, max_held_mb=args.max_held_mb)
     snap: Any = None
     async with Gateway(cfg, policy) as gw:
         serve = asyncio.create_task(gw.serve(stop))
 
+        held_peak = [0]
+
         def sample() -> dict[str, Any]:
             s = gw.stats
-            return {"rss": proc_rss(os.getpid()), "cpu": sum(os.times()[:2]), "received": s.received,
+            held_peak[0] = max(held_peak[0], gw._held_bytes())
+            return {"held_mb": gw._held_bytes() / 2**20, "held_peak_mb": held_peak[0] / 2**20,
+                    "memory_pauses": "memory" in gw._pause_reasons, "rss": proc_rss(os.getpid()), "cpu": sum(os.times()[:2]), "received": s.received,
                     "decided": s.decided, "rejected": sum(s.rejected.values()), "duplicates": s.duplicates,
                     "acked": s.acked, "awaiting": len(gw._pending), "uplink_backlog": gw.uplink.pending_out,
                     "broker_dropped": s.broker_dropped}
@@ -186,7 +190,10 @@ async def _gateway_main(args: argparse.Namespace) -> None:
         st.cancel()
         await serve
         final = gw.stats.to_json()
-    emit("final", stats=final, rss=proc_rss(os.getpid()), cpu=sum(os.times()[:2]))
+    with open("/proc/self/status") as f:
+        peak_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    emit("final", stats=final, rss=proc_rss(os.getpid()), cpu=sum(os.times()[:2]), peak_rss_mb=peak_kb / 1024,
+         held_peak_mb=held_peak[0] / 2**20)
 
 
 # =============================================================================================== coordinator
@@ -196,9 +203,9 @@ class GatewayProc:
     """The gateway role in a child process; its JSON lines arrive on a queue."""
 
     def __init__(self, port: int, state: Path, policy: str, tracemalloc: bool, top: int,
-                 no_rate_headroom: bool) -> None:
+                 no_rate_headroom: bool, max_held_mb: float) -> None:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--role", "gateway", "--port", str(port),
-               "--state", str(state), "--policy", policy, "--top", str(top)]
+               "--state", str(state), "--policy", policy, "--top", str(top), "--max-held-mb", str(max_held_mb)]
         if tracemalloc:
             cmd.append("--tracemalloc")
         if no_rate_headroom:
@@ -275,7 +282,8 @@ def run_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
         bpid = broker.proc.pid
         gw: GatewayProc | None = None
         try:
-            gw = GatewayProc(broker.port, root / "gw", args.policy, args.tracemalloc, args.top, args.no_rate_headroom)
+            gw = GatewayProc(broker.port, root / "gw", args.policy, args.tracemalloc, args.top, args.no_rate_headroom,
+                            args.max_held_mb)
             gw.wait("ready", timeout=60)
             time.sleep(1.0)
             gw.send("base")
@@ -423,6 +431,9 @@ def run_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
             row["tracemalloc_total_diff"] = g["tracemalloc_total_diff"]
     row["broker_rss_end_mb"] = broker_rss_end / 2**20
     row["gw_rss_end_mb"] = gw_rss_end / 2**20
+    row["gw_peak_rss_mb"] = final.get("peak_rss_mb")
+    row["gw_held_peak_mb"] = final.get("held_peak_mb")
+    row["gw_max_held_mb"] = args.max_held_mb
     return row
 
 
@@ -456,6 +467,8 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
         if "gw_structures_at_mark" in r:
             parts = ", ".join(f"{k} {v['entries']:,} entries {v['bytes'] / r['devices']:.0f} B/dev"
                               for k, v in r["gw_structures_at_mark"].items())
+            print(f"   gateway memory: peak RSS {_f(r.get('gw_peak_rss_mb'), ',.0f')} MB; sealed envelopes held at "
+                  f"most {_f(r.get('gw_held_peak_mb'), ',.0f')} MB (bound {r['gw_max_held_mb']:,.0f} MB)")
             print(f"   gateway at the memory mark: RSS {r['gw_rss_base_mb']:.0f} -> {r['gw_rss_mark_mb']:.0f} MB, "
                   f"backlog {r['gw_backlog_at_mark']}; {parts}")
         for t in r.get("tracemalloc_top", []):
@@ -480,6 +493,8 @@ def main() -> None:
     ap.add_argument("--drain-timeout", type=float, default=300.0)
     ap.add_argument("--no-rate-headroom", action="store_true", help="turn the gateway's rate baselines off")
     ap.add_argument("--tracemalloc", action="store_true", help="trace the gateway's allocations (slow)")
+    ap.add_argument("--max-held-mb", type=float, default=1024.0,
+                    help="the gateway's bound on sealed envelopes held in memory (GatewayConfig.max_held_mb)")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--json", action="store_true")
     # internal: the gateway process

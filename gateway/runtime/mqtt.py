@@ -10,6 +10,10 @@ module only moves bytes and keeps MQTT's bookkeeping:
   and the first of them does not wait for the last;
 - outgoing QoS-1 publishes get packet ids, respect the broker's receive maximum (a window; the rest
   waits in order), and are re-sent with the DUP flag after a reconnect until acknowledged;
+- asyncio flow control: while the socket's buffer is past its high-water mark (``pause_writing``),
+  publishes wait in order as their payloads and are encoded and written when it drains, so a large
+  release (a re-timed batch of images) is not held four times over as packets, a joined write and a
+  socket buffer;
 - keepalive PINGREQs; CONNACK/SUBACK reason codes checked; a broken connection is reported, and
   the owner reconnects (``connect`` may be called again on the same object);
 - with ``ordered_acks``, PUBACKs leave strictly in the order the broker sent the messages. The
@@ -46,6 +50,8 @@ from gateway.errors import BrokerError
 
 __all__ = ["Message", "MqttClient"]
 
+_WRITE_AT = 1 << 20  # encoded publish bytes collected before they are written (and flow control asked)
+
 
 @dataclass(slots=True)
 class Message:
@@ -74,6 +80,18 @@ class _Protocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.client._transport = transport  # type: ignore[assignment]
+        self.client._write_paused = False
+
+    def pause_writing(self) -> None:
+        """The socket's buffer is past its high-water mark: publishes wait, unencoded, in order."""
+        self.client._write_paused = True
+
+    def resume_writing(self) -> None:
+        c = self.client
+        c._write_paused = False
+        if c.connected and c._waiting:
+            c._pump()
+            c.flush()
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf
@@ -192,6 +210,12 @@ class MqttClient:
         self._inflight: OrderedDict[int, tuple[str, bytes]] = OrderedDict()
         self._waiting: deque[tuple[int, str, bytes]] = deque()
         self._window = 20
+        # Set while the transport's buffer is past its high-water mark (asyncio flow control): _pump
+        # stops, so a large release waits as its payloads (one copy) instead of as encoded packets, a
+        # joined write and a socket buffer (three more). Resent publishes keep their DUP flag meanwhile.
+        self._write_paused = False
+        self._dup_ids: set[int] = set()
+        self._out_bytes = 0  # encoded publishes in _out, not yet written
         self._ping_task: asyncio.Task[None] | None = None
         self._pong: asyncio.Future[None] | None = None
         self.closed: asyncio.Future[Exception | None] | None = None
@@ -208,6 +232,7 @@ class MqttClient:
         self.closed = loop.create_future()
         self._connack = loop.create_future()
         self._out.clear()  # nothing written for an earlier connection goes out on this one
+        self._out_bytes = 0
         self._forget_acks()
         try:
             await asyncio.wait_for(
@@ -244,7 +269,8 @@ class MqttClient:
         self._inflight.clear()
         # in their original order, ahead of anything still waiting (extendleft reverses, hence reversed)
         self._waiting.extendleft(reversed([(pid, topic, payload) for pid, (topic, payload) in resend]))
-        self._pump(dup_ids={pid for pid, _ in resend})
+        self._dup_ids = {pid for pid, _ in resend}
+        self._pump()
         self.flush()
         if self.keepalive:
             self._ping_task = asyncio.create_task(self._pinger(), name=f"mqtt-ping-{self.client_id}")
@@ -306,7 +332,7 @@ class MqttClient:
         pid = self._alloc_id()
         self._waiting.append((pid, topic, payload))
         self.pending_out_bytes += len(payload)
-        if self.connected and len(self._inflight) < self._window:
+        if self.connected and len(self._inflight) < self._window and not self._write_paused:
             self._pump()
         return pid
 
@@ -387,8 +413,10 @@ class MqttClient:
 
     def flush(self) -> None:
         if self._out and self._transport is not None and self.connected:
-            self._transport.write(b"".join(self._out))
-            self._out.clear()
+            out = self._out
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+            self._out_bytes = 0
 
     def take_pending(self) -> list[tuple[int, str, bytes]]:
         """Hand back every unacknowledged QoS-1 publish, oldest first, and forget them: the owner
@@ -397,6 +425,7 @@ class MqttClient:
         out = [(pid, t, p) for pid, (t, p) in self._inflight.items()] + list(self._waiting)
         self._inflight.clear()
         self._waiting.clear()
+        self._dup_ids.clear()
         self.pending_out_bytes = 0
         return out
 
@@ -409,20 +438,21 @@ class MqttClient:
     def transport(self) -> asyncio.Transport | None:
         return self._transport
 
-    def _pump(self, dup_ids: set[int] | None = None) -> None:
+    def _pump(self) -> None:
         window, inflight, waiting, out = self._window, self._inflight, self._waiting, self._out
-        while waiting and len(inflight) < window:
+        dup_ids = self._dup_ids
+        while waiting and len(inflight) < window and not self._write_paused:
             pid, topic, payload = waiting.popleft()
             inflight[pid] = (topic, payload)
-            out.append(
-                mqtt5.PublishPacket(
-                    topic,
-                    payload,
-                    qos=mqtt5.QoS.AT_LEAST_ONCE,
-                    packet_id=pid,
-                    duplicate=bool(dup_ids and pid in dup_ids),
-                ).write()
-            )
+            dup = bool(dup_ids) and pid in dup_ids
+            if dup:
+                dup_ids.discard(pid)
+            pkt = mqtt5.PublishPacket(topic, payload, qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=pid, duplicate=dup)
+            data = pkt.write()
+            out.append(data)
+            self._out_bytes += len(data)
+            if self._out_bytes >= _WRITE_AT:  # written now: the transport may ask us to pause
+                self.flush()
 
     def _alloc_id(self) -> int:
         for _ in range(65535):

@@ -1,0 +1,92 @@
+"""Outgoing flow control (``runtime.mqtt``): while the transport says its buffer is past the high-water
+mark, QoS-1 publishes wait unencoded and in order; when it drains they go, none lost, none twice, and a
+publish resent after a reconnect keeps its DUP flag even if it waited."""
+
+from __future__ import annotations
+
+import mqtt5
+
+from gateway.runtime.mqtt import _WRITE_AT, MqttClient, _Protocol
+
+
+class _Socket:
+    """A transport whose buffer fills: past ``high`` bytes it pauses its protocol, as asyncio's do."""
+
+    def __init__(self, proto: _Protocol, high: int) -> None:
+        self.proto, self.high = proto, high
+        self.buffered = 0
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        self.buffered += len(data)
+        if self.buffered > self.high:
+            self.proto.pause_writing()
+
+    def drain(self) -> None:
+        self.buffered = 0
+        self.proto.resume_writing()
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def _publishes(writes: list[bytes]) -> list[mqtt5.PublishPacket]:
+    out = []
+    for data in writes:
+        mv, pos = memoryview(data), 0
+        while pos < len(data):
+            pkt, n = mqtt5.read(mv[pos:])
+            pos += n
+            assert type(pkt) is mqtt5.PublishPacket
+            out.append(pkt)
+    return out
+
+
+def _client(high: int) -> tuple[MqttClient, _Socket]:
+    client = MqttClient(host="127.0.0.1", port=1, client_id="t")
+    client.connected, client._window = True, 1000
+    proto = _Protocol(client)
+    sock = _Socket(proto, high)
+    proto.connection_made(sock)  # type: ignore[arg-type]
+    return client, sock
+
+
+def test_publishes_wait_unencoded_while_the_socket_is_full_and_go_in_order_when_it_drains() -> None:
+    client, sock = _client(high=2 * _WRITE_AT)
+    payload = b"i" * (_WRITE_AT // 4)
+    pids = [client.publish("edgeward/out/x", payload) for _ in range(40)]
+    client.flush()
+    sent = _publishes(sock.writes)
+    assert 0 < len(sent) < 40, "the socket filled: the rest must wait"
+    assert client.pending_out == 40 and len(client._waiting) == 40 - len(sent)
+    assert sock.buffered <= 2 * _WRITE_AT + _WRITE_AT + 1024  # at most one write past the mark
+    while len(_publishes(sock.writes)) < 40:
+        before = len(sock.writes)
+        sock.drain()
+        assert len(sock.writes) > before, "a drained socket takes more"
+    assert [p.packet_id for p in _publishes(sock.writes)] == pids  # in order, each once
+    assert all(not p.duplicate for p in _publishes(sock.writes))
+
+
+def test_a_resent_publish_keeps_its_dup_flag_while_it_waits_for_the_socket() -> None:
+    client, sock = _client(high=10 * _WRITE_AT)
+    payload = b"r" * (_WRITE_AT // 2)
+    pids = [client.publish("edgeward/out/x", payload) for _ in range(6)]
+    client.flush()
+    # the connection broke: everything in flight goes again, DUP set, behind a socket that fills at once
+    client._waiting.extendleft(reversed([(pid, t, p) for pid, (t, p) in client._inflight.items()]))
+    client._inflight.clear()
+    client._dup_ids = set(pids)
+    sock.writes.clear()
+    sock.high, sock.buffered = _WRITE_AT, 0
+    client._pump()
+    client.flush()
+    while len(_publishes(sock.writes)) < 6:
+        sock.drain()
+    resent = _publishes(sock.writes)
+    assert [p.packet_id for p in resent] == pids and all(p.duplicate for p in resent)
+    assert not client._dup_ids
