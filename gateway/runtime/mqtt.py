@@ -265,13 +265,7 @@ class MqttClient:
         # After a reconnect, everything unacknowledged goes again (DUP set), oldest first. What _out
         # holds now was written for this connection: a resumed session redelivers together with the
         # CONNACK, before `connected` is set, and the owner's PUBACKs for those messages wait here.
-        resend = list(self._inflight.items())
-        self._inflight.clear()
-        # in their original order, ahead of anything still waiting (extendleft reverses, hence reversed)
-        self._waiting.extendleft(reversed([(pid, topic, payload) for pid, (topic, payload) in resend]))
-        self._dup_ids = {pid for pid, _ in resend}
-        self._pump()
-        self.flush()
+        self._resend_inflight()
         if self.keepalive:
             self._ping_task = asyncio.create_task(self._pinger(), name=f"mqtt-ping-{self.client_id}")
         return ack.session_present
@@ -438,6 +432,18 @@ class MqttClient:
     def transport(self) -> asyncio.Transport | None:
         return self._transport
 
+    def _resend_inflight(self) -> None:
+        """On a new connection: what was in flight goes again with DUP set, oldest first, ahead of what
+        still waits. A resend that has to wait for the socket keeps its DUP flag, across another
+        reconnect too."""
+        resend = list(self._inflight.items())
+        self._inflight.clear()
+        # in their original order, ahead of anything still waiting (extendleft reverses, hence reversed)
+        self._waiting.extendleft(reversed([(pid, topic, payload) for pid, (topic, payload) in resend]))
+        self._dup_ids |= {pid for pid, _ in resend}
+        self._pump()
+        self.flush()
+
     def _pump(self) -> None:
         window, inflight, waiting, out = self._window, self._inflight, self._waiting, self._out
         dup_ids = self._dup_ids
@@ -455,6 +461,10 @@ class MqttClient:
                 self.flush()
 
     def _alloc_id(self) -> int:
+        # Publishes leave in order, so every id handed out after one still waiting waits too: with
+        # 65,535 outstanding the next id could be one that waits (only _inflight is searched below).
+        if len(self._inflight) + len(self._waiting) >= 65535:
+            raise BrokerError("no free MQTT packet id (65535 publishes outstanding)")
         for _ in range(65535):
             self._next_id = self._next_id % 65535 + 1
             pid = self._next_id

@@ -72,21 +72,38 @@ def test_publishes_wait_unencoded_while_the_socket_is_full_and_go_in_order_when_
     assert all(not p.duplicate for p in _publishes(sock.writes))
 
 
-def test_a_resent_publish_keeps_its_dup_flag_while_it_waits_for_the_socket() -> None:
+def test_resent_publishes_keep_their_dup_flag_while_they_wait_across_another_reconnect() -> None:
     client, sock = _client(high=10 * _WRITE_AT)
     payload = b"r" * (_WRITE_AT // 2)
     pids = [client.publish("edgeward/out/x", payload) for _ in range(6)]
     client.flush()
-    # the connection broke: everything in flight goes again, DUP set, behind a socket that fills at once
-    client._waiting.extendleft(reversed([(pid, t, p) for pid, (t, p) in client._inflight.items()]))
-    client._inflight.clear()
-    client._dup_ids = set(pids)
+    assert len(client._inflight) == 6 and not client._waiting
+    # reconnect 1: everything in flight goes again, DUP set, into a socket that fills at once
     sock.writes.clear()
     sock.high, sock.buffered = _WRITE_AT, 0
-    client._pump()
-    client.flush()
-    while len(_publishes(sock.writes)) < 6:
+    client._resend_inflight()
+    first = _publishes(sock.writes)
+    assert 0 < len(first) < 6 and all(p.duplicate for p in first)
+    # reconnect 2 before the socket drained: the ones sent again go again; the rest still wait
+    sock.writes.clear()
+    sock.buffered = 0
+    client._write_paused = False
+    client._resend_inflight()
+    while len(client._waiting):
         sock.drain()
     resent = _publishes(sock.writes)
     assert [p.packet_id for p in resent] == pids and all(p.duplicate for p in resent)
     assert not client._dup_ids
+
+
+def test_no_packet_id_is_handed_out_twice_while_65535_publishes_are_outstanding() -> None:
+    import pytest
+
+    from gateway.errors import BrokerError
+
+    client, _ = _client(high=1 << 40)
+    client._write_paused = True  # nothing leaves: every publish waits
+    for _ in range(65535):
+        client.publish("edgeward/out/x", b"")
+    with pytest.raises(BrokerError):
+        client.publish("edgeward/out/x", b"")
