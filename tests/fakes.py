@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import mqtt5
 
@@ -72,14 +73,19 @@ class FakeTransport:
         return False
 
 
-def pubacks_in(writes: list[bytes]) -> list[int]:
-    """The packet ids of the PUBACKs in ``writes``, in order (anything else fails the test)."""
-    ids = []
+def packets_in(writes: list[bytes], kind: type) -> list[Any]:
+    """The packets in ``writes``, in order; each must be of ``kind`` (anything else fails the test)."""
+    out = []
     for data in writes:
         mv, pos = memoryview(data), 0
         while pos < len(data):
             pkt, n = mqtt5.read(mv[pos:])
             pos += n
-            assert type(pkt) is mqtt5.PubAckPacket
-            ids.append(pkt.packet_id)
-    return ids
+            assert type(pkt) is kind
+            out.append(pkt)
+    return out
+
+
+def pubacks_in(writes: list[bytes]) -> list[int]:
+    """The packet ids of the PUBACKs in ``writes``, in order (anything else fails the test)."""
+    return [pkt.packet_id for pkt in packets_in(writes, mqtt5.PubAckPacket)]

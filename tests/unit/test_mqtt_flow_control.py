@@ -7,6 +7,7 @@ from __future__ import annotations
 import mqtt5
 
 from gateway.runtime.mqtt import _WRITE_AT, MqttClient, _Protocol
+from tests.fakes import packets_in
 
 
 class _Socket:
@@ -35,15 +36,7 @@ class _Socket:
 
 
 def _publishes(writes: list[bytes]) -> list[mqtt5.PublishPacket]:
-    out = []
-    for data in writes:
-        mv, pos = memoryview(data), 0
-        while pos < len(data):
-            pkt, n = mqtt5.read(mv[pos:])
-            pos += n
-            assert type(pkt) is mqtt5.PublishPacket
-            out.append(pkt)
-    return out
+    return packets_in(writes, mqtt5.PublishPacket)
 
 
 def _client(high: int) -> tuple[MqttClient, _Socket]:
