@@ -146,9 +146,10 @@ async def _gateway_main(args: argparse.Namespace) -> None:
 
         def sample() -> dict[str, Any]:
             s = gw.stats
-            held_peak[0] = max(held_peak[0], gw._held_bytes())
-            return {"held_mb": gw._held_bytes() / 2**20, "held_peak_mb": held_peak[0] / 2**20,
-                    "memory_pauses": "memory" in gw._pause_reasons, "rss": proc_rss(os.getpid()), "cpu": sum(os.times()[:2]), "received": s.received,
+            held = gw._held_bytes()
+            held_peak[0] = max(held_peak[0], held)
+            return {"held_mb": held / 2**20, "memory_paused": "memory" in gw._pause_reasons,
+                    "rss": proc_rss(os.getpid()), "cpu": sum(os.times()[:2]), "received": s.received,
                     "decided": s.decided, "rejected": sum(s.rejected.values()), "duplicates": s.duplicates,
                     "acked": s.acked, "awaiting": len(gw._pending), "uplink_backlog": gw.uplink.pending_out,
                     "broker_dropped": s.broker_dropped}

@@ -61,16 +61,36 @@ class FakePolicy:
 
 
 class FakeTransport:
-    """What an asyncio transport is to ``runtime.mqtt._Protocol``: it only records the writes."""
+    """What an asyncio transport is to ``runtime.mqtt._Protocol``: it records the writes and keeps them
+    as its buffer until ``drain``. With a protocol and ``high``, a buffer past ``high`` bytes pauses the
+    protocol's writing and ``drain`` resumes it, as asyncio's transports do."""
 
-    def __init__(self) -> None:
+    def __init__(self, proto: Any = None, high: int | None = None, buffered: int = 0) -> None:
         self.writes: list[bytes] = []
+        self.proto, self.high, self.buffered = proto, high, buffered
 
     def write(self, data: bytes) -> None:
         self.writes.append(data)
+        self.buffered += len(data)
+        if self.high is not None and self.buffered > self.high:
+            self.proto.pause_writing()
+
+    def drain(self) -> None:
+        self.buffered = 0
+        if self.proto is not None:
+            self.proto.resume_writing()
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
 
     def is_closing(self) -> bool:
         return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
 
 
 def packets_in(writes: list[bytes], kind: type) -> list[Any]:

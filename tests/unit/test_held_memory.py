@@ -14,6 +14,7 @@ from gateway.catalog import RESULT_STREAM
 from gateway.policy import load_policy
 from gateway.runtime.mqtt import Message
 from gateway.runtime.service import Gateway, GatewayConfig
+from tests.fakes import FakeTransport
 
 POLICY_DIR = Path(__file__).resolve().parents[2] / "policies"
 
@@ -54,23 +55,10 @@ def test_bytes_waiting_in_an_uplink_socket_buffer_count_as_held(tmp_path: Path) 
                  load_policy(POLICY_DIR))
     try:
         assert gw._held_bytes() == 0
-        gw.uplink._transport = _SlowSocket(3 * 2**20)  # type: ignore[assignment]
+        gw.uplink._transport = FakeTransport(buffered=3 * 2**20)  # type: ignore[assignment]
         assert gw._held_bytes() == 3 * 2**20
         gw._on_messages([])
         assert "memory" in gw._pause_reasons
     finally:
         gw.audit.close()
 
-
-class _SlowSocket:
-    def __init__(self, buffered: int) -> None:
-        self.buffered = buffered
-
-    def get_write_buffer_size(self) -> int:
-        return self.buffered
-
-    def is_closing(self) -> bool:
-        return False
-
-    def pause_reading(self) -> None:
-        pass

@@ -7,43 +7,18 @@ from __future__ import annotations
 import mqtt5
 
 from gateway.runtime.mqtt import _WRITE_AT, MqttClient, _Protocol
-from tests.fakes import packets_in
-
-
-class _Socket:
-    """A transport whose buffer fills: past ``high`` bytes it pauses its protocol, as asyncio's do."""
-
-    def __init__(self, proto: _Protocol, high: int) -> None:
-        self.proto, self.high = proto, high
-        self.buffered = 0
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-        self.buffered += len(data)
-        if self.buffered > self.high:
-            self.proto.pause_writing()
-
-    def drain(self) -> None:
-        self.buffered = 0
-        self.proto.resume_writing()
-
-    def get_write_buffer_size(self) -> int:
-        return self.buffered
-
-    def is_closing(self) -> bool:
-        return False
+from tests.fakes import FakeTransport, packets_in
 
 
 def _publishes(writes: list[bytes]) -> list[mqtt5.PublishPacket]:
     return packets_in(writes, mqtt5.PublishPacket)
 
 
-def _client(high: int) -> tuple[MqttClient, _Socket]:
+def _client(high: int) -> tuple[MqttClient, FakeTransport]:
     client = MqttClient(host="127.0.0.1", port=1, client_id="t")
     client.connected, client._window = True, 1000
     proto = _Protocol(client)
-    sock = _Socket(proto, high)
+    sock = FakeTransport(proto, high)
     proto.connection_made(sock)  # type: ignore[arg-type]
     return client, sock
 
