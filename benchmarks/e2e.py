@@ -85,6 +85,7 @@ REPO = HERE.parent
 GW_ID, DEST_ID, SUB_ID = "edgeward-gateway", "edgeward-destinations", "plain-sub"
 SMALL_RESULT_TYPES = ("body_scanner", "trace_detector", "face_egate")
 PUB_CONNS = 8
+MSGS_PER_DEVICE = 5  # in the latency phase's fleets: see main()
 GW_FLAGS: list[str] = []  # prototype switches passed to the gateway process (--uvloop, --proto-fsync-thread)
 
 
@@ -585,10 +586,15 @@ def main() -> None:
         profiles[mix]["gateway_cpu_us"] = gw1["cpu_us_per_msg"]
         profiles[mix]["mqtt_adapter_us"] = gw1["cpu_us_per_msg"] - profiles[mix]["pipeline_us"]
         if mix == "small" and not a.no_latency:
-            # A fleet big enough that no device outruns its type's rate baseline over the paced run (with
-            # the throughput rows' 2,000 devices, 6 s at ~9,000 msg/s is ~27 messages a device, and the
-            # baseline rightly rejects some as detect.burst).
-            lat_maker = MessageMaker(devices=max(2000, int(gw1["msgs_per_s"] * lat_s) // 5), seed=11)
+            # About five messages a device in each run, as a site's fleet sends: enough devices that none
+            # outruns its type's rate baseline (2,000 devices for ~50,000 messages in 6 s is ~27 a device,
+            # and the baseline rightly rejects some as detect.burst), few enough that a device's first
+            # message (registry lookup, policy plan: the cold path) is not most of the run. Sized from
+            # each run's own message count: sized from the throughput row's rate, the paced run had ~1.7
+            # messages a device (session 7), and 58 % of what it timed was the cold path.
+            def fleet(n_msgs: int, seed: int) -> MessageMaker:
+                return MessageMaker(devices=max(2000, n_msgs // MSGS_PER_DEVICE), seed=seed)
+
             live_rate = None
             if a.latency_rate:
                 rate = a.latency_rate
@@ -597,11 +603,14 @@ def main() -> None:
                 # in the paced run (the throughput row drains its destinations afterwards, so on two
                 # CPUs half of that row's rate can already be more than the machine sustains).
                 log(f"[latency] the most the gateway carries with a live destination ({n} messages, unpaced) ...")
-                live_rate = latency_phase(lat_maker.make(n, "small"), None, policy).get("through_msgs_per_s", 0.0)
+                live_rate = latency_phase(fleet(n, 11).make(n, "small"), None, policy).get("through_msgs_per_s", 0.0)
                 rate = max(50.0, live_rate / 2)
             log(f"[latency] paced at {rate:,.0f} msg/s ({rate / gw1['msgs_per_s']:.0%} of the gateway's QoS-1 row)"
                 f" for {lat_s:g}s ...")
-            latency = latency_phase(lat_maker.make(max(50, int(rate * lat_s)), "small"), rate, policy)
+            n_paced = max(50, int(rate * lat_s))
+            paced_fleet = fleet(n_paced, 12)
+            latency = latency_phase(paced_fleet.make(n_paced, "small"), rate, policy)
+            latency["devices"] = len(paced_fleet.fleet)
             latency["of_gateway_rate"] = rate / gw1["msgs_per_s"]
             latency["live_max_msgs_per_s"] = live_rate
     for mix in mixes:
@@ -659,7 +668,7 @@ def report(meta: dict[str, Any], results: list[dict[str, Any]], latency: dict[st
                 "destination live)" if L.get("live_max_msgs_per_s") else f"{L['of_gateway_rate']:.0%} of the gateway's "
                 "QoS-1 row")
         print(f"\nlatency at {load}: {L['rate']:,.0f} msg/s paced, small mix, QoS 1, {L['messages']} msgs "
-              f"(lost {L['lost']}, dups {L['dups']}, gateway RSS {L['rss_mb']:.0f} MB)")
+              f"from {L.get('devices', 0):,} devices (lost {L['lost']}, dups {L['dups']}, gateway RSS {L['rss_mb']:.0f} MB)")
         print_table(["path", "p50 ms", "p99 ms"], [
             ["publisher -> plain subscriber", f"{L['plain_p50_ms']:.2f}", f"{L['plain_p99_ms']:.2f}"],
             ["publisher -> gateway -> destination", f"{L['through_p50_ms']:.2f}", f"{L['through_p99_ms']:.2f}"],
