@@ -86,6 +86,7 @@ GW_ID, DEST_ID, SUB_ID = "edgeward-gateway", "edgeward-destinations", "plain-sub
 SMALL_RESULT_TYPES = ("body_scanner", "trace_detector", "face_egate")
 PUB_CONNS = 8
 MSGS_PER_DEVICE = 5  # in the latency phase's fleets: see main()
+CPU_SPLIT = False  # --cpu-split: the paced gateway reports its CPU per part
 GW_FLAGS: list[str] = []  # prototype switches passed to the gateway process (--uvloop, --proto-fsync-thread)
 
 
@@ -470,14 +471,14 @@ def latency_phase(msgs: list[tuple[str, bytes]], rate: float | None, policy: Any
             # --expect: the gateway reports "done" once every message is decided and acknowledged; it is
             # stopped only then (a fixed sleep stopped it early at full speed and counted the rest lost).
             gw = Child("gateway", "--port", str(broker.port), "--state", str(state), "--expect", str(len(msgs)),
-                       "--qos", "1", *GW_FLAGS)
+                       "--qos", "1", *GW_FLAGS, *(["--cpu-split"] if CPU_SPLIT and rate is not None else []))
             dst = Child("acksub", "--port", str(broker.port), "--record", str(root / "dst.json"),
                         "--filter", "edgeward/out/#", "--client-id", DEST_ID)
             try:
                 gw.wait("ready")
                 dst.wait("ready")
                 sent2, fin2 = pace(broker.port)
-                gw.wait("done", 120)
+                done = gw.wait("done", 120)
                 time.sleep(0.3)
                 gw.stop()
                 final = gw.wait("final", 60)
@@ -510,6 +511,8 @@ def latency_phase(msgs: list[tuple[str, bytes]], rate: float | None, policy: Any
         rx = types.SimpleNamespace(_seen=seen, duplicates=dup, undecryptable=0)
         rec = reconcile(policy, keys, state, rx)  # type: ignore[arg-type]
     out.update(plain_n=len(plain), through_n=len(through), lost=rec["lost"], dups=rec["dups"], reconcile=rec,
+               gw_cpu_us_per_msg=done["cpu_serving"] / max(1, len(msgs)) * 1e6,  # ready -> all acknowledged
+               gw_cpu_split_us=done.get("cpu_split_us"), gw_reads=done.get("reads"),
                rss_mb=final["VmRSS"] / 1024, peak_rss_mb=final["VmHWM"] / 1024,
                gc_pauses={g: {"n": len(v), "max_ms": max(v, default=0.0), "total_ms": sum(v)}
                           for g, v in final.get("gc_pauses_ms", {}).items()})
@@ -523,7 +526,11 @@ def latency_phase(msgs: list[tuple[str, bytes]], rate: float | None, policy: Any
         out[f"gw_internal_p{p}_ms"] = final["latency_ms"].get(f"p{p}")
     log(f"  [latency @ {rate:,.0f} msg/s] plain p50 {out['plain_p50_ms']:.2f} p99 {out['plain_p99_ms']:.2f} ms; "
         f"through gateway p50 {out['through_p50_ms']:.2f} p99 {out['through_p99_ms']:.2f} ms; "
-        f"gateway-added p50 {out['added_p50_ms']:.2f} p99 {out['added_p99_ms']:.2f} ms; lost {rec['lost']}")
+        f"gateway-added p50 {out['added_p50_ms']:.2f} p99 {out['added_p99_ms']:.2f} ms; lost {rec['lost']}; "
+        f"gateway CPU {out['gw_cpu_us_per_msg']:.0f} µs/msg")
+    if out["gw_cpu_split_us"]:
+        log(f"  [latency] gateway CPU split ({len(msgs) / (out['gw_reads'] or 1):.1f} messages an ingest read), µs/msg: "
+            + "; ".join(f"{k} {v / len(msgs):.0f}" for k, v in out["gw_cpu_split_us"].items()))
     log("  [latency] gateway GC pauses: " + ", ".join(
         f"gen{g} {v['n']}x max {v['max_ms']:.1f} ms" for g, v in out["gc_pauses"].items()))
     return out
@@ -551,8 +558,13 @@ def main() -> None:
                     help="run the gateway with the policy's uplink re-timing (5 s batches), as a site does: the "
                          "throughput rows then show what holding acknowledgements for a batch costs the broker "
                          "(latency rows include the batch wait)")
+    ap.add_argument("--cpu-split", action="store_true",
+                    help="the paced gateway also reports what its CPU went to (pipeline, audit, group commit, uplink "
+                         "writes, acknowledgements; thread CPU time around each, ~0.3 µs a call)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     a = ap.parse_args()
+    global CPU_SPLIT
+    CPU_SPLIT = a.cpu_split
     n_small = a.messages or (300 if a.quick else 20_000)
     n_img = a.image_messages or (40 if a.quick else 600)
     lat_s = a.latency_seconds or (1.0 if a.quick else 6.0)
@@ -668,7 +680,7 @@ def report(meta: dict[str, Any], results: list[dict[str, Any]], latency: dict[st
                 "destination live)" if L.get("live_max_msgs_per_s") else f"{L['of_gateway_rate']:.0%} of the gateway's "
                 "QoS-1 row")
         print(f"\nlatency at {load}: {L['rate']:,.0f} msg/s paced, small mix, QoS 1, {L['messages']} msgs "
-              f"from {L.get('devices', 0):,} devices (lost {L['lost']}, dups {L['dups']}, gateway RSS {L['rss_mb']:.0f} MB)")
+              f"from {L.get('devices', 0):,} devices; gateway CPU {L['gw_cpu_us_per_msg']:.0f} µs/msg (lost {L['lost']}, dups {L['dups']}, gateway RSS {L['rss_mb']:.0f} MB)")
         print_table(["path", "p50 ms", "p99 ms"], [
             ["publisher -> plain subscriber", f"{L['plain_p50_ms']:.2f}", f"{L['plain_p99_ms']:.2f}"],
             ["publisher -> gateway -> destination", f"{L['through_p50_ms']:.2f}", f"{L['through_p99_ms']:.2f}"],
@@ -683,6 +695,14 @@ def report(meta: dict[str, Any], results: list[dict[str, Any]], latency: dict[st
         if L.get("gc_pauses"):
             print("gateway garbage collections during the paced run (each one pauses the event loop): " + ", ".join(
                 f"gen{g} {v['n']}x, longest {v['max_ms']:.1f} ms" for g, v in L["gc_pauses"].items()))
+        if L.get("gw_cpu_split_us"):
+            n = L["messages"]
+            print(f"\nthe paced gateway's CPU, {L['gw_cpu_us_per_msg']:.0f} µs/msg from ready to the last PUBACK "
+                  f"({n / (L['gw_reads'] or 1):.1f} messages an ingest read):")
+            rows = [[k, f"{v / n:.0f}"] for k, v in L["gw_cpu_split_us"].items()]
+            rows.append(["outside ingest reads (packet parsing, uplink PUBACKs, event loop, timers)",
+                         f"{L['gw_cpu_us_per_msg'] - L['gw_cpu_split_us']['ingest reads (all of the above)'] / n:.0f}"])
+            print_table(["part", "µs/msg"], rows)
     print("\nheadline: Edgeward / C-client QoS-1 ceiling = "
           + ", ".join(f"{m} {v:.2f}" for m, v in meta["headline_ratio"].items()))
 
