@@ -100,12 +100,13 @@ def role_gateway(a: argparse.Namespace) -> None:
         # retime=False unless --retime: the policy re-times uplinks into 5 s batches on purpose; the
         # benchmark measures the gateway's own cost and latency (BENCHMARKS.md §4 states it).
         gw = Gateway(GatewayConfig(state_dir=Path(a.state), port=a.port, retime=a.retime), policy)
+        socket_reads = _time_socket_reads() if a.cpu_split else None  # before the connections bind it
         if a.proto_fsync_thread:
             _fsync_off_loop(gw)
         t0, c0 = time.perf_counter(), cpu_s()
         async with gw:
             gc_pauses = _gc_pause_recorder()  # from here: start-up's own collection is not a pause in service
-            split = _cpu_split(gw) if a.cpu_split else None
+            split = _cpu_split(gw, socket_reads) if socket_reads is not None else None
             c_ready = cpu_s()
             emit(event="ready", pid=os.getpid())
             serve = asyncio.create_task(gw.serve(stop), name="bench-serve")
@@ -121,7 +122,9 @@ def role_gateway(a: argparse.Namespace) -> None:
                                  and not gw.uplink.pending_out):
                         t1, c1 = time.perf_counter(), cpu_s()
                         emit(event="done", t=time.monotonic(), seconds=t1 - t0, cpu=c1 - c0, cpu_serving=c1 - c_ready,
-                             cpu_split_us=split and {k: v / 1e3 for k, v in split.items() if k != "reads"},
+                             cpu_split_us=split and {**{k: v / 1e3 for k, v in split.items() if k != "reads"},
+                                                    "socket reads":
+                                                    socket_reads["ns"] / 1e3},
                              reads=split and split["reads"], received=s.received,
                              **rss_kb())
                         break
@@ -152,8 +155,28 @@ _SPLIT = (("pipeline", "pipeline", "process"), ("audit append", "", "_record"),
           ("uplink publish + write", "", "_flush_out"), ("done log + ingest PUBACKs", "", "_flush_acks"))
 
 
-def _cpu_split(gw: Any) -> dict[str, int]:
-    acc: dict[str, int] = dict.fromkeys([name for name, _, _ in _SPLIT] + ["ingest reads (all of the above)"], 0)
+def _time_socket_reads() -> dict[str, int]:
+    """Thread CPU in every MQTT socket read (ingest and uplinks: parsing, handling, the writes they
+    cause); patched into the protocol class before any connection exists (the loop binds the method)."""
+    from gateway.runtime import mqtt
+
+    acc = {"ns": 0}
+    tt = time.thread_time_ns
+    inner = mqtt._Protocol.data_received
+
+    def data_received(self: Any, data: bytes) -> None:
+        t = tt()
+        try:
+            inner(self, data)
+        finally:
+            acc["ns"] += tt() - t
+
+    mqtt._Protocol.data_received = data_received  # type: ignore[method-assign]
+    return acc
+
+
+def _cpu_split(gw: Any, socket_reads: dict[str, int]) -> dict[str, int]:
+    acc: dict[str, int] = dict.fromkeys([name for name, _, _ in _SPLIT] + ["ingest reads"], 0)
     acc["reads"] = 0
     tt = time.thread_time_ns
 
@@ -169,7 +192,7 @@ def _cpu_split(gw: Any) -> dict[str, int]:
     for name, owner, attr in _SPLIT:
         obj = getattr(gw, owner) if owner else gw
         setattr(obj, attr, timed(name, getattr(obj, attr)))
-    on_messages = timed("ingest reads (all of the above)", gw.ingest._on_messages)
+    on_messages = timed("ingest reads", gw.ingest._on_messages)
 
     def counted(batch: Any) -> None:
         acc["reads"] += 1
