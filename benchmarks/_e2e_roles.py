@@ -20,8 +20,8 @@ import resource
 import signal
 import sys
 import time
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import mqtt5
 
