@@ -198,11 +198,16 @@ def run_pub(port: int, mfile: Path, qos: int) -> Child:
     return c
 
 
-def run_c(port: int, n: int, workdir: Path, mfile: Path, qos: int) -> dict[str, Any]:
-    out = open(workdir / "sub.out", "wb")
-    p = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-V", "5", "-q", "1", "-c",
+def c_sub(port: int, n: int, out: Any) -> subprocess.Popen[bytes]:
+    """mosquitto_sub on the primed session: prints each message's length, exits at the nth."""
+    return subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-V", "5", "-q", "1", "-c",
                           "-x", str(EXPIRY), "-i", SUB_ID, "-t", INGEST_FILTER, "-C", str(n), "-W", "120",
                           "-F", "%l"], stdout=out, stderr=subprocess.DEVNULL)
+
+
+def run_c(port: int, n: int, workdir: Path, mfile: Path, qos: int) -> dict[str, Any]:
+    out = open(workdir / "sub.out", "wb")
+    p = c_sub(port, n, out)
     time.sleep(0.5)  # connected to its (primed) session
     pub = run_pub(port, mfile, qos)
     c0 = proc_cpu_seconds(p.pid)
@@ -226,9 +231,7 @@ def run_cc(port: int, n: int, workdir: Path, msgs: list[tuple[str, bytes]], qos:
     sends a line a message, so each payload's newline and NUL bytes are replaced by 0x01 (same length:
     the broker carries the same bytes per message, it never reads them)."""
     out = open(workdir / "sub.out", "wb")
-    p = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-V", "5", "-q", "1", "-c",
-                          "-x", str(EXPIRY), "-i", SUB_ID, "-t", INGEST_FILTER, "-C", str(n), "-W", "120",
-                          "-F", "%l"], stdout=out, stderr=subprocess.DEVNULL)
+    p = c_sub(port, n, out)
     inputs = []
     for k in range(PUB_CONNS):
         f = workdir / f"pub{k}.lines"
