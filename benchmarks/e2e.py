@@ -201,8 +201,8 @@ def run_pub(port: int, mfile: Path, qos: int) -> Child:
 def c_sub(port: int, n: int, out: Any) -> subprocess.Popen[bytes]:
     """mosquitto_sub on the primed session: prints each message's length, exits at the nth."""
     return subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-V", "5", "-q", "1", "-c",
-                          "-x", str(EXPIRY), "-i", SUB_ID, "-t", INGEST_FILTER, "-C", str(n), "-W", "120",
-                          "-F", "%l"], stdout=out, stderr=subprocess.DEVNULL)
+                            "-x", str(EXPIRY), "-i", SUB_ID, "-t", INGEST_FILTER, "-C", str(n), "-W", "120",
+                            "-F", "%l"], stdout=out, stderr=subprocess.DEVNULL)
 
 
 def run_c(port: int, n: int, workdir: Path, mfile: Path, qos: int) -> dict[str, Any]:
