@@ -62,3 +62,31 @@ def test_bytes_waiting_in_an_uplink_socket_buffer_count_as_held(tmp_path: Path) 
     finally:
         gw.audit.close()
 
+
+
+def test_envelopes_held_for_excess_volume_count_as_held(tmp_path: Path) -> None:
+    """Envelopes beyond a device's normal rate wait ``burst_hold_s`` in memory too: a fleet bursting
+    images must meet the same bound, and what is withdrawn or released leaves the count."""
+    gw = Gateway(GatewayConfig(state_dir=tmp_path, port=1, max_held_mb=0.25, burst_hold_s=30.0, isolate_after=0),
+                 load_policy(POLICY_DIR))
+    gw.ingest.ack = lambda pid, ack_id=None: None  # type: ignore[method-assign]
+    try:
+        now = int(time.time() * 1000)
+        xray = [spec for spec in make_fleet(24, seed=5) if spec.device_type == "xray_baggage"][:2]
+        assert len(xray) == 2
+        msgs = [Message(spec.topic(RESULT_STREAM), encode(PayloadFactory(spec, 1).make(RESULT_STREAM, seq, now)),
+                        1, False, 10 * seq + i, False, False)
+                for seq in range(1, 13) for i, spec in enumerate(xray)]  # beyond their slack (~7)
+        gw._on_messages(msgs)
+        held = [e for p in gw._probation.values() for e in p.held]
+        held_bytes = sum(len(e[3]) for e in held)
+        queued = sum(ob.queue_bytes for ob in gw.outboxes.values())
+        assert held and queued, "each device's first messages (its slack) are queued for their batch, the rest held"
+        assert gw._held_bytes() == held_bytes + queued
+        assert "memory" in gw._pause_reasons and gw.status()["held_mb"] > 0.25
+        gw._withdraw(xray[0].device_id, "detect.burst")  # one trips its baseline: what it held never leaves
+        gw._release_held(time.monotonic(), everything=True)  # the other's hold is over: into its batch
+        assert gw._held_bytes() == sum(ob.queue_bytes for ob in gw.outboxes.values()) > queued
+        assert not any(p.held for p in gw._probation.values())
+    finally:
+        gw.audit.close()
