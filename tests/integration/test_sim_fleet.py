@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import random
 import time
@@ -196,3 +197,34 @@ async def test_a_device_that_cannot_reconnect_ends_with_the_run(broker: Mosquitt
     await relay.stop()
     assert truth.sent > 0 and truth.failed  # it sent, then could not: what it still had is accounted
     assert took < 8.0, took  # ~4 s: the run's end, a drain and a few 0.5 s timeouts (was ~40 messages x 0.5 s)
+
+
+async def test_a_device_the_broker_drops_leaves_no_unretrieved_error_behind(broker: MosquittoBroker) -> None:
+    """The broker drops a device (isolation, a session takeover): aiomqtt records why on a future the
+    simulator never awaits. Left unretrieved, asyncio printed 'Future exception was never retrieved'
+    into every hostile demo's output when the client was collected."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    try:
+        fleet = Fleet(make_fleet(1, seed=3), port=broker.port)
+        fleet._connect_sem = asyncio.Semaphore(1)  # noqa: SLF001 - what run() sets up
+        d = fleet._devices[0]  # noqa: SLF001
+        assert await fleet._connect(d, deadline=loop.time() + 10)  # noqa: SLF001
+        dropped = d.client
+        assert dropped is not None
+        # the same client id again: the broker disconnects the first connection (session taken over)
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier=d.spec.device_id,
+                                  protocol=aiomqtt.ProtocolVersion.V5):
+            for _ in range(100):
+                if dropped._disconnected.done():  # noqa: SLF001
+                    break
+                await asyncio.sleep(0.02)
+            assert dropped._disconnected.done(), "the broker should have dropped the first connection"  # noqa: SLF001
+        d.client = dropped = None
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(previous)
+    assert not [e for e in errors if "never retrieved" in str(e.get("message", ""))], errors
