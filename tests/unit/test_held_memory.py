@@ -63,7 +63,6 @@ def test_bytes_waiting_in_an_uplink_socket_buffer_count_as_held(tmp_path: Path) 
         gw.audit.close()
 
 
-
 def test_envelopes_held_for_excess_volume_count_as_held(tmp_path: Path) -> None:
     """Envelopes beyond a device's normal rate wait ``burst_hold_s`` in memory too: a fleet bursting
     images must meet the same bound, and what is withdrawn or released leaves the count."""
