@@ -681,15 +681,17 @@ def main() -> None:
             latency["live_max_msgs_per_s"] = live_rate
     for mix in mixes:
         c1 = next(r for r in results if r["mix"] == mix and r["kind"] == "c" and r["qos"] == 1)["msgs_per_s"]
-        cc1 = next((r["msgs_per_s"] for r in results if r["mix"] == mix and r["kind"] == "cc" and r["qos"] == 1), None)
+        cc1 = next((r["msgs_per_s"] for r in results
+                    if r["mix"] == mix and r["kind"] == "cc" and r["qos"] == 1), None)
         for r in results:
             if r["mix"] == mix:
                 r["vs_c_qos1"] = r["msgs_per_s"] / c1
                 r["vs_cc_qos1"] = r["msgs_per_s"] / cc1 if cc1 else None
     meta = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "seconds": time.perf_counter() - t_all,
             "mean_payload_bytes": sizes, "uvloop": a.uvloop, "gateway_flags": GW_FLAGS,
-            # the gateway's QoS-1 rate over each C ceiling: [C clients at both ends, our publisher -> C subscriber]
-            "headline_ratio": {mix: [next(r[k] for r in results if r["mix"] == mix and r["kind"] == "gw" and r["qos"] == 1)
+            # the gateway's QoS-1 rate over each C ceiling: [C clients at both ends, our publisher -> C sub]
+            "headline_ratio": {mix: [next(r[k] for r in results
+                                          if r["mix"] == mix and r["kind"] == "gw" and r["qos"] == 1)
                                      for k in ("vs_cc_qos1", "vs_c_qos1")] for mix in mixes}}
     if a.json:
         print(json.dumps({"meta": meta, "results": results, "latency": latency, "profile": profiles}, indent=1,
@@ -720,8 +722,9 @@ def report(meta: dict[str, Any], results: list[dict[str, Any]], latency: dict[st
                          f"{r['machine_bound_msgs_per_s']:,.0f}",
                          f"{r['rss_mb']:.0f}/{r['peak_rss_mb']:.0f}" if "rss_mb" in r else "-"])
         print(f"\n{mix} mix, mean payload {size:,.0f} B (live: timed from the first publish to all done)")
-        print_table(["consumer", "QoS", "msgs", "msg/s", "MB/s", "vs C-C q1", "vs C q1", "lost", "dups", "unacked",
-                     "CPU µs/msg", "broker µs/msg", "pub µs/msg", "machine bound", "RSS/peak MB"], rows)
+        print_table(["consumer", "QoS", "msgs", "msg/s", "MB/s", "vs C-C q1", "vs C q1", "lost", "dups",
+                     "unacked", "CPU µs/msg", "broker µs/msg", "pub µs/msg", "machine bound", "RSS/peak MB"],
+                    rows)
         print(f"(machine bound = {meta['cpus']} CPUs / (consumer + broker + publisher CPU per message): the most "
               "this machine could carry of that row however fast the consumer)")
     for mix, p in profiles.items():
@@ -770,7 +773,8 @@ def report(meta: dict[str, Any], results: list[dict[str, Any]], latency: dict[st
             print_table(["part", "µs/msg"], rows)
     print("\nheadline: Edgeward / C-client QoS-1 ceiling = "
           + ", ".join(f"{m} " + (f"{cc:.2f} (mosquitto_pub -> mosquitto_sub), " if cc is not None else "")
-                      + f"{c:.2f} (our publisher -> mosquitto_sub)" for m, (cc, c) in meta["headline_ratio"].items()))
+                      + f"{c:.2f} (our publisher -> mosquitto_sub)"
+                      for m, (cc, c) in meta["headline_ratio"].items()))
 
 
 if __name__ == "__main__":
