@@ -13,7 +13,8 @@ the gateway draws (each lasts U(0.5, 1.5) x ``retime_ms``), and the header times
 destination gets is that boundary, not the device's clock, so the timing of a device's messages
 does not reach a destination (beyond which batch a message fell in); a batch leaves in a random
 interleaving of its devices. Volume beyond a device's normal rate is held ``burst_hold_s`` and
-withdrawn if the device trips its baseline meanwhile. A destination whose connection stays down
+withdrawn if the device trips its baseline meanwhile; it leaves sooner once the device has slowed
+down enough to have paid for it out of its normal-rate allowance. A destination whose connection stays down
 longer than ``uplink_down_after_s`` is declared down: its unacknowledged envelopes move to its spool
 (``rest_at_edge``) or are dropped with ``uplink.unreachable``; when it returns, the spool drains in
 order at ``spool_drain_rate`` before anything new is sent directly.
@@ -104,9 +105,14 @@ def _since_last_audit_write(directory: Path, now: float) -> float:
 
 _RNG = random.SystemRandom()  # batch boundaries and interleavings: nothing a device sees predicts them
 # Holding excess volume: a device's normal-rate allowance holds this share of its baseline's burst
-# (at least PROBATION_MIN_BURST messages), refilled at the type's nominal rate (baseline / headroom).
+# (at least PROBATION_MIN_BURST messages), refilled at PROBATION_REFILL x the type's nominal rate
+# (baseline / headroom). Refilled at exactly the nominal rate, an honest device's allowance is a random
+# walk without drift that sooner or later reaches 0; a quarter more gives it drift back up (honest
+# 3-minute fleet: 22 envelopes held -> 0, BENCHMARKS.md §8), and the device's baseline still trips at
+# 2.5 x nominal.
 PROBATION_BURST_SHARE = 0.25
 PROBATION_MIN_BURST = 5.0
+PROBATION_REFILL = 1.25
 PROBATION_MAX_DEVICES = 200_000
 DISK_FULL_REMIND_S = 60.0  # a disk that stays full is alerted again this often (not on every retry)
 
@@ -185,10 +191,13 @@ class GatewayConfig:
 
 @dataclass(slots=True)
 class _Probation:
-    """A device's normal-rate allowance and the envelopes held while it sends beyond it."""
+    """A device's normal-rate allowance and the envelopes held while it sends beyond it. Every message
+    is charged, held or not, so ``tokens`` below 0 is what the device owes for what it holds."""
 
     tokens: float
     t: float
+    rate: float  # refill, messages/s
+    cap: float  # slack, messages
     held: deque[tuple[float, _Outbox, str, bytes, tuple[Any, ...]]] = field(default_factory=deque)
 
 
@@ -379,6 +388,7 @@ class Gateway:
         self._disk_full: str | None = None
         self._disk_full_episode: list[float] | None = None  # [started, last alerted, failed retries]
         self._probation: dict[str, _Probation] = {}
+        self._holding: dict[str, _Probation] = {}  # the devices in _probation with envelopes held
         self._probation_bytes = 0  # sealed envelopes held in _probation: counted against max_held_mb
         self._decision_tally: dict[int, tuple[Any, tuple[str, ...], tuple[str, ...]]] = {}
         self._nominal: dict[str, tuple[float, float]] = {}  # device type -> (normal msgs/s, slack)
@@ -713,6 +723,7 @@ class Gateway:
                 ref = (gen, handle, out.device, out.seq, d.destination)
                 if held is not None:  # beyond the device's normal volume: waits to see if it is a burst
                     held.held.append((t0, ob, d.topic, d.envelope, ref))
+                    self._holding[out.device] = held
                     self._probation_bytes += len(d.envelope)
                     stats.held += 1
                     n_up += 1
@@ -838,7 +849,7 @@ class Gateway:
             "ingest_acks": {"waiting": self.ingest.acks_waiting, "set_aside": self.ingest.acks_set_aside,
                             "reused_ids": self.ingest.reused_ids},
             # envelopes of devices sending beyond their normal rate, waiting out burst_hold_s
-            "held": sum(len(p.held) for p in self._probation.values()),
+            "held": sum(len(p.held) for p in self._holding.values()),
             "held_mb": round(self._held_bytes() / 2**20, 1),  # sealed envelopes: held, in batches, in flight
             "paused": sorted(self._pause_reasons) if self._pause_reasons else False,
             "disk_full": self._disk_full,
@@ -1207,7 +1218,7 @@ class Gateway:
         settled: list[tuple[Any, ...]] = []
         for link in self._links.values():
             self._watch_link(link, now)
-        if self._probation:
+        if self._holding:
             settled.extend(self._release_held(now))
         for ob in self.outboxes.values():
             if ob.retime_s and now_wall >= ob.next_release:
@@ -1259,22 +1270,19 @@ class Gateway:
             # first group too, but held 83,168 of 92,053 honest off-site envelopes 30 s in a 3-minute
             # honest_fp run (an honest device runs at its nominal rate, so its allowance is a random
             # walk: from 1 it soon hits 0, and then all it sends waits behind the hold). BENCHMARKS §8.
-            p = self._probation[out.device] = _Probation(lim[1], now)
+            p = self._probation[out.device] = _Probation(lim[1], now, lim[0], lim[1])
             if len(self._probation) > PROBATION_MAX_DEVICES:
                 self._forget_quiet_probation(now)
         else:
-            p.tokens = min(lim[1], p.tokens + (now - p.t) * lim[0])
+            p.tokens = min(p.cap, p.tokens + (now - p.t) * p.rate)
             p.t = now
-        if p.held:
-            return p
-        if p.tokens >= 1.0:
-            p.tokens -= 1.0
-            return None
-        return p
+        p.tokens -= 1.0  # held or not: a held message is a debt, paid back as the allowance refills
+        return p if p.held or p.tokens < 0.0 else None
 
     def _nominal_limits(self, device_type: str) -> tuple[float, float]:
-        """(normal messages/s, slack in messages) for a device type: the rate baseline's allowance
-        without its headroom, and a share of its burst. (0, 0) when there is no baseline for it."""
+        """(refill in messages/s, slack in messages) for a device type: the rate baseline's allowance
+        without its headroom (x PROBATION_REFILL), and a share of its burst. (0, 0) when there is no
+        baseline for it."""
         rate = self.pipeline.rate
         base = getattr(rate, "baseline", rate)
         try:
@@ -1282,7 +1290,7 @@ class Gateway:
         except (AttributeError, KeyError):
             return (0.0, 0.0)
         headroom = getattr(base, "headroom", 1.0) or 1.0
-        return (msgs_s / headroom, max(PROBATION_MIN_BURST, PROBATION_BURST_SHARE * burst))
+        return (PROBATION_REFILL * msgs_s / headroom, max(PROBATION_MIN_BURST, PROBATION_BURST_SHARE * burst))
 
     def _forget_quiet_probation(self, now: float) -> None:
         for dev in [d for d, p in self._probation.items() if not p.held and now - p.t > 600.0]:
@@ -1290,8 +1298,8 @@ class Gateway:
 
     def _withdraw(self, device: str, reason: str) -> list[tuple[Any, ...]]:
         """The device tripped its baseline (or was isolated): what it had held never leaves."""
-        p = self._probation.get(device)
-        if p is None or not p.held:
+        p = self._holding.pop(device, None)
+        if p is None:
             return []
         refs = []
         while p.held:
@@ -1304,11 +1312,19 @@ class Gateway:
         return refs
 
     def _release_held(self, now: float, *, everything: bool = False) -> list[tuple[Any, ...]]:
-        """Held envelopes whose hold has passed without a trip go on as any other would."""
+        """Held envelopes whose hold has passed without a trip go on as any other would, and so does
+        all a device holds once its allowance has refilled past what it owes: it has slowed down to
+        within its normal rate, so what it sent is what a device at that rate may send. Without that,
+        a device that sends more often than every ``burst_hold_s`` never empties its hold once it
+        starts one: each message waits behind the last, and every one is 30 s late for good (2.8 % of
+        an honest 10-minute fleet, BENCHMARKS.md §8). A device that keeps bursting never pays."""
         settled: list[tuple[Any, ...]] = []
         hold_s = self.config.burst_hold_s
-        for p in self._probation.values():
-            while p.held and (everything or now - p.held[0][0] >= hold_s):
+        for device, p in list(self._holding.items()):
+            p.tokens = min(p.cap, p.tokens + (now - p.t) * p.rate)
+            p.t = now
+            paid = everything or p.tokens >= 0.0
+            while p.held and (paid or now - p.held[0][0] >= hold_s):
                 _, ob, topic, envelope, ref = p.held.popleft()
                 self._probation_bytes -= len(envelope)
                 if ob.retime_s and not ob.hold:
@@ -1316,6 +1332,8 @@ class Gateway:
                     ob.queue_bytes += len(envelope)
                 elif not self._send(ob, topic, envelope, ref):
                     settled.append(ref)
+            if not p.held:
+                del self._holding[device]
         return settled
 
     def _next_boundary(self, ob: _Outbox, now_wall: float) -> float:

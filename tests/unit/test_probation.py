@@ -1,0 +1,52 @@
+"""Holding excess volume (``burst_hold_s``): what a device sends beyond its normal-rate allowance waits,
+and leaves as soon as the device has paid for it out of that allowance by slowing down, or when the
+hold is over; a device that keeps bursting pays nothing back and keeps it held until then."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from device_sim.devices import PayloadFactory, encode, make_fleet
+from gateway.catalog import RESULT_STREAM
+from gateway.policy import load_policy
+from gateway.runtime.mqtt import Message
+from gateway.runtime.service import Gateway, GatewayConfig
+
+POLICY_DIR = Path(__file__).resolve().parents[2] / "policies"
+HOLD_S = 30.0
+
+
+def test_a_device_back_within_its_allowance_gets_its_held_excess_out_before_the_hold_ends(tmp_path: Path) -> None:
+    gw = Gateway(GatewayConfig(state_dir=tmp_path, port=1, burst_hold_s=HOLD_S, isolate_after=0),
+                 load_policy(POLICY_DIR))
+    gw.ingest.ack = lambda pid, ack_id=None: None  # type: ignore[method-assign]
+    try:
+        xray = [spec for spec in make_fleet(24, seed=5) if spec.device_type == "xray_baggage"][:2]
+        slowed, bursting = xray[0], xray[1]
+        ms = int(time.time() * 1000)
+        start = time.monotonic()
+        gw._on_messages([Message(slowed.topic(RESULT_STREAM),
+                                 encode(PayloadFactory(slowed, 1).make(RESULT_STREAM, seq, ms)),
+                                 1, False, seq, False, False) for seq in range(1, 10)])
+        p = gw._probation[slowed.device_id]
+        assert p.held and p.tokens < 0.0, "9 at once is beyond an X-ray unit's slack (~7)"
+        owed_s = -p.tokens / p.rate  # the allowance has paid for what is held after this long
+        assert 0.0 < owed_s < HOLD_S / 2
+        gw._on_messages([Message(bursting.topic(RESULT_STREAM),
+                                 encode(PayloadFactory(bursting, 1).make(RESULT_STREAM, seq, ms)),
+                                 1, False, 100 + seq, False, False) for seq in range(1, 21)])
+        assert gw._probation[bursting.device_id].held
+
+        gw._release_held(start + owed_s / 2)
+        assert p.held, "still owed: the hold stays"
+        gw._release_held(start + owed_s + 0.5)
+        assert not p.held, "paid for out of the allowance: no reason to wait out the whole hold"
+        assert gw._probation[bursting.device_id].held, "20 at once (inside its baseline): owed for longer"
+        queued = [ref[2] for ob in gw.outboxes.values() for _, _, ref in ob.queue]
+        assert queued.count(slowed.device_id) >= 9, "all of it, into its re-timed batch"
+
+        gw._release_held(start + HOLD_S + 2.0)  # the hold is over without a trip: the rest goes too
+        assert not gw._probation[bursting.device_id].held and gw._probation_bytes == 0
+    finally:
+        gw.audit.close()
