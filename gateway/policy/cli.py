@@ -303,7 +303,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def _diff_traffic(old: Policy, new: Policy, facts: Any, n_examples: int) -> dict[str, Any]:
     total = changed = routes = 0
     kinds: Counter[str] = Counter()
-    examples = []
+    examples: list[dict[str, Any]] = []
     for f in facts:
         assert isinstance(f, MessageFacts)
         total += 1

@@ -262,9 +262,11 @@ class Policy:
         self._grants_generic = generic
         self._compiled_grants: dict[int, _Grant] = {}
         self._dests = tuple(_DestPlan(d, spec) for d in spec.destinations)
+        conditioned: tuple[RuleSpec | ObligationSpec, ...] = (
+            *spec.rules, *(o for d in spec.destinations for o in d.obligations))
         self._fallible = tuple(
             (r.rule_id, r.when.vendors is not None, r.when.device_types is not None)
-            for r in (*spec.rules, *(o for d in spec.destinations for o in d.obligations))
+            for r in conditioned
             if r.when.vendors is not None or r.when.device_types is not None
         )
         self._memo: dict[tuple[Any, ...], Decision] = {}
@@ -273,8 +275,7 @@ class Policy:
         # topics; without any, devices of the same type, vendor, stream and fields share their routes.
         self._routes_memo: dict[tuple[Any, ...], tuple[Route, ...]] = {}
         self._routes_see_device = any(
-            r.when.devices is not None or r.when.topics is not None
-            for r in (*spec.rules, *(o for d in spec.destinations for o in d.obligations))
+            r.when.devices is not None or r.when.topics is not None for r in conditioned
         )
         self._denials: dict[tuple[str, str], Decision] = {}
         self._limits = {t.name: (t.max_size, t.rule_id) for t in spec.device_types.values()}

@@ -110,28 +110,28 @@ def lint(spec: PolicySpec, v: _V) -> None:
         targets = ([dests[n] for n in sorted(r.destinations) if n in dests] if r.destinations is not None
                    else list(dests.values()))
         reachable = []
-        for d in targets:
-            if d.jurisdiction not in spec.allowed_jurisdictions:
+        for dst in targets:
+            if dst.jurisdiction not in spec.allowed_jurisdictions:
                 continue
             cls = r.classes if r.classes is not None else frozenset(spec.data_classes)
             for c in cls:
                 dc = spec.data_classes.get(c)
                 if c == "prohibited" or dc is None:
                     continue
-                if dc.vault_only and d.transport != "vault":
+                if dc.vault_only and dst.transport != "vault":
                     continue
-                if dc.reside is not None and d.jurisdiction not in dc.reside:
+                if dc.reside is not None and dst.jurisdiction not in dc.reside:
                     continue
-                reachable.append((d.name, c))
+                reachable.append((dst.name, c))
         if not reachable:
             v.warn(rp, "lint.unreachable_rule", f"rule {r.rule_id!r} can never let a field through",
                    "its classes are prohibited, vault-only, may not reside there, or its destinations' "
                    "jurisdictions are not allowed")
             continue
-        for f in forbids:
-            if all((f.destinations is None or dn in f.destinations) and (f.classes is None or c in f.classes)
-                   for dn, c in reachable):
-                v.warn(rp, "lint.shadowed_rule", f"rule {r.rule_id!r} is overridden by forbid {f.rule_id!r}",
+        for fb in forbids:
+            if all((fb.destinations is None or dn in fb.destinations)
+                   and (fb.classes is None or c in fb.classes) for dn, c in reachable):
+                v.warn(rp, "lint.shadowed_rule", f"rule {r.rule_id!r} is overridden by forbid {fb.rule_id!r}",
                        "a matching forbid always wins; remove one of the two")
                 break
 

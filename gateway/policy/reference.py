@@ -15,11 +15,12 @@ route:   jurisdiction, maintenance contract, whole-route forbid, drop obligation
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from fnmatch import fnmatchcase
 from typing import Any
 
 from gateway.model import Decision, MessageFacts, Route
-from gateway.policy.spec import DestinationSpec, PolicySpec, When
+from gateway.policy.spec import DestinationSpec, DeviceSpec, PolicySpec, When
 from gateway.policy.validate import is_glob
 
 __all__ = ["reference_decide", "topic_matches", "device_matches", "sort_rules"]
@@ -142,12 +143,11 @@ def reference_decide(spec: PolicySpec, revision: str, facts: MessageFacts,
     return Decision(revision, routes, _all_errors(spec, facts))
 
 
-def _route(spec: PolicySpec, d: DestinationSpec, facts: MessageFacts, entry: object, grant_id: str,
-           errors: set[str], note: object) -> Route:
-    say = note  # type: ignore[assignment]
+def _route(spec: PolicySpec, d: DestinationSpec, facts: MessageFacts, entry: DeviceSpec | None, grant_id: str,
+           errors: set[str], say: Callable[[str], None]) -> Route:
 
     def deny(reason: str, rule: str, why: str, removed: tuple[tuple[str, str], ...] = ()) -> Route:
-        say(f"[{d.name}] denied: {reason} ({rule}): {why}")  # type: ignore[operator]
+        say(f"[{d.name}] denied: {reason} ({rule}): {why}")
         return Route(d.name, False, removed=removed, rules=sort_rules({grant_id, rule}, spec), reason=reason)
 
     if d.jurisdiction not in spec.allowed_jurisdictions:
@@ -155,7 +155,7 @@ def _route(spec: PolicySpec, d: DestinationSpec, facts: MessageFacts, entry: obj
     if d.requires_contract:
         vendor = spec.vendors.get(facts.vendor)
         has = vendor is not None and vendor.maintenance_contract
-        if has and entry is not None and entry.maintenance is False:  # type: ignore[attr-defined]
+        if has and entry is not None and entry.maintenance is False:
             has = False
         if not has:
             return deny("policy.no_contract", "builtin.contract", f"vendor {facts.vendor!r} has no maintenance contract")
@@ -217,7 +217,7 @@ def _route(spec: PolicySpec, d: DestinationSpec, facts: MessageFacts, entry: obj
         if reason:
             if d.on_disallowed_field == "deny":
                 return deny(reason, rule, f"field {name!r} ({cls}) is not allowed and the destination denies")
-            say(f"[{d.name}] field {name!r} ({cls}) removed: {reason} ({rule})")  # type: ignore[operator]
+            say(f"[{d.name}] field {name!r} ({cls}) removed: {reason} ({rule})")
             removed.append((name, reason))
             used.add(rule)
             continue
@@ -227,7 +227,7 @@ def _route(spec: PolicySpec, d: DestinationSpec, facts: MessageFacts, entry: obj
                 continue
             if (o.fields is not None and name in o.fields) or (o.classes is not None and cls in o.classes):
                 if _when(o.when, facts, spec, o.rule_id, errors) is not False:
-                    say(f"[{d.name}] field {name!r} ({cls}) removed: policy.redact ({o.rule_id})")  # type: ignore[operator]
+                    say(f"[{d.name}] field {name!r} ({cls}) removed: policy.redact ({o.rule_id})")
                     removed.append((name, "policy.redact"))
                     used.add(o.rule_id)
                     redacted = True
@@ -237,7 +237,7 @@ def _route(spec: PolicySpec, d: DestinationSpec, facts: MessageFacts, entry: obj
         assert permit is not None
         used.add(permit)
         going.append(name)
-        say(f"[{d.name}] field {name!r} ({cls}) goes: permitted by {permit}")  # type: ignore[operator]
+        say(f"[{d.name}] field {name!r} ({cls}) goes: permitted by {permit}")
         for o in d.obligations:
             if o.kind != "quantize":
                 continue
@@ -245,9 +245,9 @@ def _route(spec: PolicySpec, d: DestinationSpec, facts: MessageFacts, entry: obj
             if step is not None and _when(o.when, facts, spec, o.rule_id, errors) is not False:
                 quantize.append((name, step))
                 used.add(o.rule_id)
-                say(f"[{d.name}] field {name!r} quantised to step {step} ({o.rule_id})")  # type: ignore[operator]
+                say(f"[{d.name}] field {name!r} quantised to step {step} ({o.rule_id})")
                 break
     if d.drop_when_empty and facts.fields and not going:
         return deny("policy.empty", "builtin.empty", "no field of the message may go here", tuple(removed))
-    say(f"[{d.name}] allowed: {len(going)} field(s) go, {len(removed)} removed")  # type: ignore[operator]
+    say(f"[{d.name}] allowed: {len(going)} field(s) go, {len(removed)} removed")
     return Route(d.name, True, tuple(going), tuple(removed), tuple(quantize), sort_rules(used, spec), "")

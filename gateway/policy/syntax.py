@@ -103,8 +103,8 @@ class _Walker:
             return None
         # An alias is the same node object met again. Expanding aliases is bounded (a few hundred
         # bytes of nested aliases expand to millions of nodes: "billion laughs"); plain text is not.
-        key = id(node)
-        revisit = key in self.seen
+        node_id = id(node)
+        revisit = node_id in self.seen
         if revisit or self.in_alias:
             self.alias_nodes += 1
             if self.alias_nodes > _MAX_ALIAS_NODES:
@@ -114,7 +114,7 @@ class _Walker:
                                              "write the repeated parts out, or use fewer nested aliases"))
                 return None
         else:
-            self.seen.add(key)
+            self.seen.add(node_id)
         if revisit and not self.in_alias:
             self.in_alias = True
             try:

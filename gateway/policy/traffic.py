@@ -56,8 +56,9 @@ def facts_from_json(d: dict[str, Any]) -> MessageFacts:
         isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in fields
     ):
         raise ValueError("fields must be a list of [name, class] pairs")
-    return MessageFacts(*(d.get(k, "") for k in _STR_KEYS[:5]), d.get("stream", ""), size,  # type: ignore[arg-type]
-                        tuple((n, c) for n, c in fields))
+    g = d.get
+    return MessageFacts(g("device_id", ""), g("device_type", ""), g("vendor", ""), g("site", ""),
+                        g("topic", ""), g("stream", ""), size, tuple((n, c) for n, c in fields))
 
 
 def read_traffic(path: str | os.PathLike[str]) -> Iterator[MessageFacts]:

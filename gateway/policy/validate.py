@@ -347,7 +347,7 @@ def _fast_devices(items: list[Any], known_types: set[str], vendors: dict[str, An
     rids = [derived.get(("devices", i)) or f"devices[{i}]" for i in range(n)] if derived else list(
         map("devices[{}]".format, range(n)))
     rows = zip(ids, types, vends, maint, rids, range(first_order, first_order + n))
-    return list(map(tuple.__new__, repeat(DeviceSpec), rows))  # type: ignore[arg-type]
+    return list(map(tuple.__new__, repeat(DeviceSpec), rows))
 
 
 def _fast_grants(items: list[Any], taken: dict[str, Path], first_order: int) -> list[GrantSpec] | None:
@@ -372,7 +372,7 @@ def _fast_grants(items: list[Any], taken: dict[str, Path], first_order: int) -> 
     taken.update(zip(ids, zip(repeat("grants"), range(n))))
     # tuple.__new__ straight from C: the NamedTuple's Python-level __new__ would cost more than the checks
     rows = zip(ids, range(first_order, first_order + n), map(tuple, devs), repeat(None), map(tuple, tops))
-    return list(map(tuple.__new__, repeat(GrantSpec), rows))  # type: ignore[arg-type]
+    return list(map(tuple.__new__, repeat(GrantSpec), rows))
 
 
 def validate(doc: Document) -> tuple[PolicySpec | None, list[Diagnostic]]:
@@ -679,8 +679,8 @@ def validate_deferred(doc: Document) -> tuple[PolicySpec | None, list[Diagnostic
     rule_order.update(map(itemgetter(0, 1), grants))  # GrantSpec: (rule_id, order, ...)
     for group in (device_types.values(), rules):
         rule_order.update((r.rule_id, r.order) for r in group)
-    for d in destinations:
-        for o in d.obligations:
+    for dst in destinations:
+        for o in dst.obligations:
             rule_order[o.rule_id] = o.order
 
     spec = PolicySpec(
