@@ -111,8 +111,11 @@ class SharedDeviceState:
 
     # ------------------------------------------------------------------ process plumbing
     def _attach(self) -> None:
-        self._buf = self._shm.buf
-        self._fd = self._shm._fd  # the object's own descriptor: the record locks live on it
+        buf = self._shm.buf
+        assert buf is not None  # None only once the SharedMemory is closed
+        self._buf: memoryview = buf  # None again only after close(): no method is called then
+        # the object's own descriptor: the record locks live on it (private: typeshed does not declare it)
+        self._fd: int = self._shm._fd  # type: ignore[attr-defined]
         self._slots: dict[str, tuple[int, int, bytes]] = {}  # device -> (offset, segment, digest)
         self._limits: dict[str, tuple[float, float, float, float]] = {}
         self.refused_full = 0
@@ -141,7 +144,7 @@ class SharedDeviceState:
 
     def close(self, *, unlink: bool | None = None) -> None:
         """Detach; the owner (creator) also unlinks the block unless ``unlink=False``."""
-        buf, self._buf = getattr(self, "_buf", None), None
+        buf, self._buf = getattr(self, "_buf", None), None  # type: ignore[assignment]  # closed: see _attach
         if buf is None:
             return
         del buf

@@ -183,7 +183,7 @@ def _frame_end(mv: memoryview, pos: int) -> int | None:
     if pos + _HDR.size > len(mv):
         return None
     magic, blen, crc = _HDR.unpack_from(mv, pos)
-    end = pos + _HDR.size + blen
+    end: int = pos + _HDR.size + blen
     if magic != MAGIC or blen < _MIN_BODY or end > len(mv):
         return None
     if zlib.crc32(mv[pos + _HDR.size : end], zlib.crc32(mv[pos + 4 : pos + 8])) != crc:
