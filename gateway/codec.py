@@ -57,7 +57,7 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     if not (0x80 <= first <= 0x8F or first in (0xDE, 0xDF)):
         raise DecodeError("decode.not_a_map", "payload is not a MessagePack map")
     try:
-        value = msgpack.unpackb(
+        value: dict[str, Any] = msgpack.unpackb(  # a map (first byte); str keys: _check_values
             data,
             raw=False,
             strict_map_key=True,
@@ -99,19 +99,21 @@ def _check_values(value: object, depth_left: int) -> None:
         if t is dict or t is list:
             if left <= 0:
                 raise DecodeError("decode.too_deep", "nesting deeper than the limit")
+            # mypy narrows `type(v) is dict` but not the hoisted `t is dict` (one type() call a node):
+            # v is a dict here, and its values (like a list's items) are untyped msgpack values
             if t is dict:
-                for k in v:  # type: ignore[union-attr]
+                for k in v:  # type: ignore[attr-defined]
                     if type(k) is not str:
                         raise DecodeError("decode.key_type", "map keys must be strings")
-                items = v.values()  # type: ignore[union-attr]
+                items = v.values()  # type: ignore[attr-defined]
             else:
                 items = v
-            for item in items:  # type: ignore[union-attr]
+            for item in items:
                 ti = type(item)
                 if ti is dict or ti is list:
                     push((item, left - 1))
                 elif ti is float:
-                    if not _isfinite(item):  # type: ignore[arg-type]
+                    if not _isfinite(item):
                         raise DecodeError("decode.non_finite", "NaN or infinity")
                 elif ti is _Timestamp:
                     raise DecodeError("decode.ext_type", "timestamps are not accepted")
