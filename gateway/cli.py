@@ -22,9 +22,12 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.errors import CryptoError, EdgewardError
+
+if TYPE_CHECKING:  # for annotations only: each command imports what it uses when it runs
+    from gateway.crypto.keys import DataKey
 
 __all__ = ["main"]
 
@@ -304,7 +307,7 @@ class _ReloadingKeyring:
         self._ring = DataKeyring(path, kek)
         self.seq_ids = self._ring.seq_ids  # reads the device's sequence behind a destination's header
 
-    def get(self, kid: str) -> Any:
+    def get(self, kid: str) -> DataKey:
         from gateway.crypto.keys import DataKeyring
 
         try:

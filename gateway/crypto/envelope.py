@@ -18,7 +18,7 @@ from typing import Any
 import msgpack
 from cryptography.exceptions import InvalidTag
 
-from gateway.crypto.keys import DataKeyring
+from gateway.crypto.keys import DataKeyLookup, DataKeyring
 from gateway.errors import CryptoError
 
 __all__ = ["Header", "seal", "seal_packed", "pack_header", "open_envelope", "ENVELOPE_VERSION", "pack_bundle",
@@ -92,7 +92,7 @@ def unbundle(payload: bytes) -> list[bytes]:
     return envs
 
 
-def open_envelope(keyring: DataKeyring, data: bytes) -> tuple[Header, bytes]:
+def open_envelope(keyring: DataKeyLookup, data: bytes) -> tuple[Header, bytes]:
     """Authenticate and decrypt; CryptoError on anything wrong (never says more than what)."""
     try:
         env: dict[str, Any] = msgpack.unpackb(data, raw=False)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
@@ -25,7 +26,8 @@ from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 from gateway.crypto.seqid import SeqIds
 from gateway.errors import CryptoError, KeyFileError
 
-__all__ = ["write_secret_file", "read_secret_file", "load_or_create_kek", "DataKey", "DataKeyring"]
+__all__ = ["write_secret_file", "read_secret_file", "load_or_create_kek", "DataKey", "DataKeyring",
+           "DataKeyLookup"]
 
 KEY_BYTES = 32
 
@@ -73,6 +75,13 @@ class DataKey:
     aead: AESGCM
     created: float
     used: int = 0
+
+
+class DataKeyLookup(Protocol):
+    """What opening an envelope needs of a keyring: a data key by its id, CryptoError when it has none.
+    ``DataKeyring`` is one; a reader beside a running gateway may re-read the file on a miss."""
+
+    def get(self, kid: str) -> DataKey: ...
 
 
 class DataKeyring:

@@ -25,7 +25,7 @@ from typing import Any
 
 from gateway.codec import decode
 from gateway.crypto.envelope import BUNDLE_PREFIX, Header, open_envelope, unbundle
-from gateway.crypto.keys import DataKeyring
+from gateway.crypto.keys import DataKeyLookup
 from gateway.errors import CryptoError
 from gateway.runtime.mqtt import Message, MqttClient
 
@@ -49,7 +49,7 @@ class Received:
 class DestinationReceiver:
     host: str
     port: int
-    keyring: DataKeyring
+    keyring: DataKeyLookup  # a DataKeyring, or anything that finds its keys the same way
     topic_filter: str = "edgeward/out/#"
     client_id: str = "edgeward-destinations"
     keep: bool = False
