@@ -34,7 +34,7 @@ import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.audit.checkpoint import create_signing_key, load_signing_key, load_verify_key
 from gateway.crypto.kek import DEFAULT_MEMORY_KIB, create_kek, unlock_kek
@@ -49,6 +49,9 @@ from gateway.crypto.pki import (
 )
 from gateway.errors import ConfigError
 from gateway.runtime.broker import BrokerConfig, TlsListener, free_port
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 __all__ = ["Site", "init_site", "load_site", "add_devices", "register_recipient", "render_acl", "mosquitto_password_line", "SITE_FORMAT"]
 
@@ -265,10 +268,10 @@ class Site:
         return f"site/{self.name}/dev/{device_id}/{stream}"
 
     # ------------------------------------------------------------ keys and contexts
-    def audit_signing_key(self):  # type: ignore[no-untyped-def]
+    def audit_signing_key(self) -> Ed25519PrivateKey:
         return load_signing_key(self.audit_key_path)
 
-    def audit_verify_key(self):  # type: ignore[no-untyped-def]
+    def audit_verify_key(self) -> Ed25519PublicKey:
         return load_verify_key(self.audit_public_key_path)
 
     def device_ssl_context(self, device_id: str) -> ssl.SSLContext:

@@ -16,7 +16,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.crypto.keys import write_secret_file
 from gateway.crypto.pki import GATEWAY_CN
@@ -27,6 +27,9 @@ from gateway.runtime.mqtt import Message, MqttClient
 from gateway.runtime.service import Gateway, GatewayConfig
 from gateway.site import Site, mosquitto_password_line
 
+if TYPE_CHECKING:
+    from gateway.policy import Policy
+
 __all__ = ["OPERATOR_USER", "SiteRuntime", "operator_secret_path", "recipient_keys", "render_site_acl", "start_site_broker"]
 
 OPERATOR_USER = "edgeward-operator"
@@ -34,7 +37,7 @@ OPERATOR_USER = "edgeward-operator"
 SITE_DEFAULTS: dict[str, Any] = {"burst_hold_s": 30.0}
 
 
-def render_site_acl(policy: Any) -> str:
+def render_site_acl(policy: Policy) -> str:
     """The policy's ACL, plus what the runtime itself needs: the gateway reads the broker's drop
     counter and, when several workers share the ingest (``edgeward run --workers N``), subscribes to
     the devices' namespace through the shared subscription ``$share/edgeward/...``; the operator

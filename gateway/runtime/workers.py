@@ -324,7 +324,7 @@ class SiteWorkers:
             await asyncio.sleep(0.05)
 
     def _poll_events(self) -> list[dict[str, Any]]:
-        out = []
+        out: list[dict[str, Any]] = []
         while True:
             try:
                 ev = self._events.get_nowait()
