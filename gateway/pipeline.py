@@ -227,9 +227,10 @@ class Pipeline:
             if device in self.blocked:
                 raise RejectedMessage("guard.isolated", "the device is isolated until an operator releases it")
             if hit is None:
-                known = self._lookup(policy, device, stream)
-                if known is None:
+                found = self._lookup(policy, device, stream)
+                if found is None:
                     raise RejectedMessage("guard.unknown_device", "device is not in the registry")
+                known = found
                 if len(self._topics) >= 1_000_000:
                     self._topics.clear()
                 self._topics[topic] = (device, stream, known)
