@@ -25,6 +25,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -36,6 +37,10 @@ from device_sim.firmware import HONEST, FirmwareProfile, Outgoing, Will
 from device_sim.truth import FailedRecord, GroundTruth, HostileAction, Outage, SentRecord
 from gateway.catalog import HEALTH_STREAM, RESULT_STREAM
 from gateway.errors import ConfigError
+
+if TYPE_CHECKING:
+    from paho.mqtt.client import CallbackOnPublish_v2
+    from paho.mqtt.client import Client as PahoClient
 
 # The MQTT library logs every refused or cut connection of every simulated device (an isolated device
 # retrying prints a TLS alert each time). The fleet records those outcomes in its ground truth
@@ -545,11 +550,13 @@ def _retrieve(fut: asyncio.Future[None]) -> None:
 def _watch_pubacks(client: aiomqtt.Client, box: list[int]) -> None:
     """Keep the reason code of each PUBACK in ``box[0]`` (aiomqtt resolves the publish without it)."""
     paho = client._client  # noqa: SLF001 - the reason code is only visible in paho's callback
-    inner = paho.on_publish
+    # aiomqtt's own callback, set for paho's VERSION2 API (the five arguments below)
+    inner = cast("CallbackOnPublish_v2", paho.on_publish)
 
-    def on_publish(c: object, userdata: object, mid: int, reason_code: object, properties: object) -> None:
+    def on_publish(c: PahoClient, userdata: Any, mid: int, reason_code: ReasonCode,
+                   properties: Properties) -> None:
         box[0] = _code(reason_code)
-        inner(c, userdata, mid, reason_code, properties)  # type: ignore[misc]
+        inner(c, userdata, mid, reason_code, properties)
 
     paho.on_publish = on_publish
 
@@ -557,7 +564,7 @@ def _watch_pubacks(client: aiomqtt.Client, box: list[int]) -> None:
 def _properties(props: Mapping[str, object]) -> Properties | None:
     if not props:
         return None  # the honest path: no properties object at all
-    p = Properties(PacketTypes.PUBLISH)
+    p = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho leaves __init__ unannotated
     for key, value in props.items():
         setattr(p, _PROP_NAMES.get(key, key), value)
     return p
