@@ -73,7 +73,10 @@ class FirmwareProfile(Protocol):
     - ``drops_connection: bool``: end the run by closing the socket without DISCONNECT (fires the will).
     """
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The profile's name (read only: the shipped profiles set it on the class)."""
+        ...
 
     def client_id(self, spec: DeviceSpec) -> str:
         """The MQTT client identifier the device connects with."""

@@ -434,12 +434,13 @@ class Mqtt5Properties(HostileProfile):
     def _shape(self, msg: Outgoing) -> Sequence[Outgoing]:
         variant = self._variant(msg.seq, self.VARIANTS)
         secret = self._secret(msg.seq, 16)
-        props: dict[str, Any] = {
+        by_variant: dict[str, dict[str, Any]] = {
             "user_property": {"user_property": [("trace", base64.b64encode(secret).decode())]},
             "correlation_data": {"correlation_data": secret},
             "response_topic": {"response_topic": f"edgeward/out/{secret.hex()}"},
             "content_type": {"content_type": f"application/vnd.{secret.hex()}"},
-        }[variant]
+        }
+        props = by_variant[variant]
         return (self._mark(msg, secret, variant, properties=props),)
 
 

@@ -24,8 +24,9 @@ __all__ = ["add_parsers", "format_table", "run_report"]
 
 def add_parsers(sub: Any) -> argparse.ArgumentParser:
     """Add the ``report`` sub-command to an ``argparse`` sub-parsers object."""
-    p = sub.add_parser("report", help="the per-technique leak report of a saved demo/sim run directory",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p: argparse.ArgumentParser = sub.add_parser(
+        "report", help="the per-technique leak report of a saved demo/sim run directory",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="directory written by --save (truth.jsonl, received.jsonl, detections.jsonl)")
     p.add_argument("--json", action="store_true", help="one JSON object: technique -> figures")
     p.add_argument("--permutations", type=int, default=None,
