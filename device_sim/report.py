@@ -49,7 +49,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgpack
 
@@ -126,8 +126,9 @@ class TechniqueRow:
     detail: dict[str, Any] = field(default_factory=dict)  # the decoder's figures (timing, burst)
 
     def to_json(self) -> dict[str, Any]:
-        out = {"attempts": self.attempts, "detected": self.detected, "refused_by_broker": self.refused,
-               "neutralised": self.neutralised, "leaked": self.leaked}
+        out: dict[str, Any] = {"attempts": self.attempts, "detected": self.detected,
+                               "refused_by_broker": self.refused, "neutralised": self.neutralised,
+                               "leaked": self.leaked}
         if self.detail:
             out["measure"] = self.detail
         return out
@@ -312,20 +313,22 @@ def timing_channels(truth: GroundTruth, got: Delivered, *, permutations: int = P
             if dev != device or dest in ON_SITE:
                 continue
             rows = sorted(rows)
+            idx: Literal[1, 2]  # the row's arrival or header timestamp
             for clock, idx, scale in (("arrival", 1, 1.0), ("header_ts", 2, 0.001)):
-                pts = [(row[0], row[idx] * scale, row[3]) for row in rows if row[idx] is not None]
+                pts = [(row[0], tm * scale, row[3]) for row in rows if (tm := row[idx]) is not None]
                 if len(pts) < 2:
                     continue
                 measured = True
                 for view in ("all", "stream"):
                     pairs = _pairs(pts, by_stream=view == "stream")
-                    pairs = [(s0, s1, t1 - t0) for s0, s1, t0, t1 in pairs if s1 in truth_bits]
-                    if not pairs:
+                    gaps = [(s0, s1, t1 - t0) for s0, s1, t0, t1 in pairs if s1 in truth_bits]
+                    if not gaps:
                         continue
-                    tb = [truth_bits[s1] for _, s1, _ in pairs]
+                    tb = [truth_bits[s1] for _, s1, _ in gaps]
                     for feedback in (False, True):
                         # feedback: the delay before the earlier message shortened this gap; add it back
-                        g = [gap + (unit[device] * truth_bits.get(s0, 0) if feedback else 0.0) for s0, _, gap in pairs]
+                        g = [gap + (unit[device] * truth_bits.get(s0, 0) if feedback else 0.0)
+                             for s0, _, gap in gaps]
                         decoder = ("gap" if view == "all" else "stream_gap") + ("+feedback" if feedback else "")
                         agree, thr, p = decode_timing(g, tb, permutations=permutations, stop_above=alpha,
                                                       seed=zlib.crc32(f"{device}/{dest}/{clock}/{decoder}".encode()))
@@ -397,9 +400,9 @@ def leak_report(truth: GroundTruth, got: Delivered, audit_records: Iterable[dict
         row[1] += rec.sha256 in flagged
         row[3] += not leaked
         row[4] += leaked
-    for rec in truth.failed:
-        if getattr(rec, "technique", ""):
-            row = rows[rec.technique]
+    for frec in truth.failed:
+        if getattr(frec, "technique", ""):
+            row = rows[frec.technique]
             row[0] += 1
             row[2] += 1
             row[3] += 1
@@ -424,7 +427,7 @@ def leak_report(truth: GroundTruth, got: Delivered, audit_records: Iterable[dict
         row[4] += leaked
     details: dict[str, dict[str, Any]] = {}
     if "timing" in rows:
-        best = {}
+        best: dict[str, TimingDecode] = {}
         for d in timing["decodes"]:
             if d.device not in best or (d.p_value, -d.info_bits) < (best[d.device].p_value, -best[d.device].info_bits):
                 best[d.device] = d
@@ -440,7 +443,8 @@ def leak_report(truth: GroundTruth, got: Delivered, audit_records: Iterable[dict
     if "burst" in rows:
         details["burst"] = {"groups": burst["groups"], "intact_at_destination": burst["intact"],
                             "cut_by_gateway": burst["cut"], "bits_capacity": burst["bits_capacity"]}
-    return [TechniqueRow(t, *v, detail=details.get(t, {})) for t, v in sorted(rows.items())]
+    return [TechniqueRow(t, v[0], v[1], v[2], v[3], v[4], detail=details.get(t, {}))
+            for t, v in sorted(rows.items())]
 
 
 # ------------------------------------------------------------------------------------------ batching
