@@ -43,6 +43,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import mqtt5
 
@@ -79,7 +80,7 @@ class _Protocol(asyncio.Protocol):
         self.buf = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.client._transport = transport  # type: ignore[assignment]
+        self.client._transport = cast(asyncio.Transport, transport)  # a stream protocol's
         self.client._write_paused = False
 
     def pause_writing(self) -> None:
@@ -204,7 +205,7 @@ class MqttClient:
         self._transport: asyncio.Transport | None = None
         self._out: list[bytes] = []
         self._connack: asyncio.Future[mqtt5.ConnAckPacket] | None = None
-        self._subacks: dict[int, asyncio.Future[mqtt5.SubAckPacket]] = {}
+        self._subacks: dict[int, asyncio.Future[mqtt5.SubAckPacket | mqtt5.UnsubAckPacket]] = {}
         self._next_id = 0
         # Outgoing QoS-1 publishes: in flight (sent, awaiting PUBACK) and waiting (beyond the window).
         self._inflight: OrderedDict[int, tuple[str, bytes]] = OrderedDict()
@@ -272,7 +273,8 @@ class MqttClient:
 
     async def subscribe(self, *filters: tuple[str, int], timeout: float = 10.0) -> list[int]:
         pid = self._alloc_id()
-        fut: asyncio.Future[mqtt5.SubAckPacket] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[mqtt5.SubAckPacket | mqtt5.UnsubAckPacket]  # _on_control: both kinds, by id
+        fut = asyncio.get_running_loop().create_future()
         self._subacks[pid] = fut
         tfs = [mqtt5.TopicFilter(f, max_qos=mqtt5.QoS(q)) for f, q in filters]
         self._write_now(mqtt5.SubscribePacket(pid, tfs).write())
@@ -284,8 +286,9 @@ class MqttClient:
 
     async def unsubscribe(self, *filters: str, timeout: float = 10.0) -> list[int]:
         pid = self._alloc_id()
-        fut: asyncio.Future[mqtt5.UnsubAckPacket] = asyncio.get_running_loop().create_future()
-        self._subacks[pid] = fut  # type: ignore[assignment]
+        fut: asyncio.Future[mqtt5.SubAckPacket | mqtt5.UnsubAckPacket]  # _on_control: both kinds, by id
+        fut = asyncio.get_running_loop().create_future()
+        self._subacks[pid] = fut
         self._write_now(mqtt5.UnsubscribePacket(pid, list(filters)).write())
         ack = await asyncio.wait_for(fut, timeout)
         return [int(c) for c in ack.reason_codes]
@@ -477,29 +480,30 @@ class MqttClient:
             self._transport.write(data)
 
     # ---------------------------------------------------------------- receiving
-    def _on_control(self, pkt: object) -> None:
-        t = type(pkt)
-        if t is mqtt5.PubAckPacket:
-            pid = pkt.packet_id  # type: ignore[attr-defined]
+    def _on_control(self, pkt: mqtt5.Packet) -> None:
+        # `type(pkt) is X` in each test (mypy narrows pkt by it): a PUBACK, the usual packet here,
+        # still costs one type() call
+        if type(pkt) is mqtt5.PubAckPacket:
+            pid = pkt.packet_id
             done = self._inflight.pop(pid, None)
             if done is not None:
                 self.pending_out_bytes -= len(done[1])
                 self.acked_out += 1
-                if int(pkt.reason_code) >= 0x80:  # type: ignore[attr-defined]
+                if int(pkt.reason_code) >= 0x80:
                     self.refused_out += 1
                 if self._waiting and self.connected:
                     self._pump()
                 self._on_ack(pid)
-        elif t is mqtt5.ConnAckPacket:
+        elif type(pkt) is mqtt5.ConnAckPacket:
             if self._connack is not None and not self._connack.done():
-                self._connack.set_result(pkt)  # type: ignore[arg-type]
-        elif t is mqtt5.SubAckPacket or t is mqtt5.UnsubAckPacket:
-            fut = self._subacks.pop(pkt.packet_id, None)  # type: ignore[attr-defined]
+                self._connack.set_result(pkt)
+        elif type(pkt) is mqtt5.SubAckPacket or type(pkt) is mqtt5.UnsubAckPacket:
+            fut = self._subacks.pop(pkt.packet_id, None)
             if fut is not None and not fut.done():
-                fut.set_result(pkt)  # type: ignore[arg-type]
-        elif t is mqtt5.DisconnectPacket:
-            self._fail(BrokerError(f"broker disconnected us: {pkt.reason_code.name}"))  # type: ignore[attr-defined]
-        elif t is mqtt5.PingRespPacket:
+                fut.set_result(pkt)
+        elif type(pkt) is mqtt5.DisconnectPacket:
+            self._fail(BrokerError(f"broker disconnected us: {pkt.reason_code.name}"))
+        elif type(pkt) is mqtt5.PingRespPacket:
             if self._pong is not None and not self._pong.done():
                 self._pong.set_result(None)
         # PUBREC/PUBREL never occur (QoS 2 is not used).
