@@ -34,7 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import mqtt5
 
@@ -94,7 +94,7 @@ class _Conn(asyncio.Protocol):
         self.buf = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream protocol's
 
     def data_received(self, data: bytes) -> None:
         dev = self.dev
@@ -303,7 +303,8 @@ class LeanFleet:
                 sampler.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sampler
-                self.on_sample(self.sample())  # type: ignore[misc]
+                assert self.on_sample is not None  # the sampler runs only with one
+                self.on_sample(self.sample())
         truth.ended_at = time.time()
         return truth
 
@@ -362,7 +363,8 @@ class LeanFleet:
         if d.started:
             return
         d.started = True
-        now = self._loop.time()  # type: ignore[union-attr]
+        assert self._loop is not None  # set by run(), before any device starts
+        now = self._loop.time()
         # Random phases: a fleet that starts together must not report in lock-step.
         d.next_result = now + self._rng.uniform(0.0, self._interval(d))
         d.next_health = now + self._rng.uniform(0.0, self.health_interval_s)
@@ -373,11 +375,13 @@ class LeanFleet:
 
     def _schedule(self, d: _Device) -> None:
         nxt = min(d.next_result, d.next_health)
-        d.timer = self._loop.call_at(nxt, self._tick, d) if nxt < self._stop_at else None  # type: ignore[union-attr]
+        assert self._loop is not None
+        d.timer = self._loop.call_at(nxt, self._tick, d) if nxt < self._stop_at else None
 
     def _tick(self, d: _Device) -> None:
         """Timer: produce every message that is due (in time order), re-arm, publish."""
-        now = self._loop.time()  # type: ignore[union-attr]
+        assert self._loop is not None
+        now = self._loop.time()
         wall = time.time()
         stop_at = self._stop_at
         while True:

@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -281,7 +282,7 @@ def nofile_target(want: int) -> tuple[int, int]:
     return hard, hard
 
 
-def _open_files_limit(want: int):  # type: ignore[no-untyped-def]
+def _open_files_limit(want: int) -> Callable[[], None]:
     """A preexec function raising RLIMIT_NOFILE in the broker's process only (computed here, in the
     parent: the child between fork and exec only makes the one system call)."""
     limits = nofile_target(want)
