@@ -19,6 +19,8 @@ and the details go to the audit log. Nothing here ever carries a field value or 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
     "EdgewardError",
     "RejectedMessage",
@@ -56,7 +58,7 @@ class DecodeError(RejectedMessage):
 class PolicyError(EdgewardError):
     """A policy failed to parse, validate or compile. ``diagnostics`` holds all of them, sorted."""
 
-    def __init__(self, diagnostics: list[object]) -> None:
+    def __init__(self, diagnostics: Sequence[object]) -> None:
         self.diagnostics = diagnostics
         first = str(diagnostics[0]) if diagnostics else "invalid policy"
         more = f" (+{len(diagnostics) - 1} more)" if len(diagnostics) > 1 else ""

@@ -146,7 +146,9 @@ class AuditLog:
         self.torn_bytes = 0
         if files:
             last = files[-1]
-            self._file_no = int(_FILE_RE.search(last.name).group(1))  # type: ignore[union-attr]
+            m = _FILE_RE.search(last.name)
+            assert m is not None  # _files() keeps only the names it matches
+            self._file_no = int(m.group(1))
             # A crash mid-write leaves a partial last line. Its message was never acknowledged (the
             # acknowledgement waits for this write), so the broker redelivers it: cut the fragment.
             self.torn_bytes = _truncate_torn_tail(last)
@@ -285,7 +287,9 @@ def verify_chain(directory: Path, *, on_record: OnRecord | None = None) -> Verif
     sha256 = hashlib.sha256
     canonical = _canonical
     for fi, path in enumerate(files):
-        if int(_FILE_RE.search(path.name).group(1)) != fi + 1:  # type: ignore[union-attr]
+        m = _FILE_RE.search(path.name)
+        assert m is not None  # _files() keeps only the names it matches
+        if int(m.group(1)) != fi + 1:
             return VerifyResult(False, n, len(files), prev, "audit file missing from the sequence", path.name)
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):

@@ -34,7 +34,7 @@ def compile_document(doc: Document) -> Policy:
         spec, diags, lints = validate_deferred(doc)
         errors = [d for d in diags if d.severity == "error"]
         if spec is None or errors:
-            raise PolicyError(sort_diagnostics(errors or diags))  # type: ignore[arg-type]
+            raise PolicyError(sort_diagnostics(errors or diags))
         found = [d for d in diags if d.severity == "warning"]
         # warnings never stop a policy: the lints run when someone reads Policy.warnings
         return Policy(spec, revision=canonical_revision(doc.data), source=doc.source,
@@ -55,7 +55,7 @@ def compile_policy(text: str, *, source: str = "<policy>") -> Policy:
         if doc is not None:  # report the structural errors too, so the operator sees everything at once
             _, more = validate(doc)
             diags = diags + [d for d in more if d.severity == "error"]
-        raise PolicyError(sort_diagnostics([d for d in diags if d.severity == "error"]))  # type: ignore[arg-type]
+        raise PolicyError(sort_diagnostics([d for d in diags if d.severity == "error"]))
     return compile_document(doc)
 
 
@@ -80,7 +80,7 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
         if doc is not None:
             _, more = validate(doc)
             diags = diags + [d for d in more if d.severity == "error"]
-        raise PolicyError(sort_diagnostics([d for d in diags if d.severity == "error"]))  # type: ignore[arg-type]
+        raise PolicyError(sort_diagnostics([d for d in diags if d.severity == "error"]))
     return compile_document(doc)
 
 
