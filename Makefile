@@ -42,4 +42,4 @@ bench: install
 	$(BIN)/python benchmarks/ingest_compare.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache
