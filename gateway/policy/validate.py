@@ -15,7 +15,7 @@ import re
 from itertools import chain, repeat
 from operator import itemgetter
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal, TypeVar, cast
 
 from gateway.catalog import DATA_CLASSES, DEVICE_TYPES, STREAMS
 from gateway.policy.diagnostics import Diagnostic, Severity
@@ -88,6 +88,8 @@ MAX_BUNDLE = 1000
 _OBL_KEYS = frozenset({"id", "when", "remove", "quantize", "drop", "description"})
 _SELECT_KEYS = frozenset({"fields", "classes"})
 TRUST_LEVELS = ("site", "high", "medium", "low", "untrusted")
+_OBL_KINDS: tuple[Literal["remove", "quantize", "drop"], ...] = ("remove", "quantize", "drop")
+_Choice = TypeVar("_Choice", bound=str)  # one of an enum's choices (a Literal where the spec wants one)
 _ID_RE = re.compile(r"[A-Za-z0-9_.:/@-]{1,128}\Z")
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 _DEVICE_RE = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,128}\Z")
@@ -189,11 +191,11 @@ class _V:
         self.report(path, "schema.type", f"{what} must be true or false, not {_kind(v)}")
         return default
 
-    def enum(self, path: Path, v: Any, choices: tuple[str, ...], what: str, default: str) -> str:
+    def enum(self, path: Path, v: Any, choices: tuple[_Choice, ...], what: str, default: _Choice) -> _Choice:
         if v is None:
             return default
         if v in choices:
-            return str(v)
+            return cast(_Choice, str(v))  # equal to one of the choices
         self.report(path, "schema.enum", f"{what} must be one of {', '.join(choices)}; got {v!r}",
                     _suggest(str(v), choices) or f"write one of: {', '.join(choices)}")
         return default
@@ -415,7 +417,7 @@ def validate_deferred(doc: Document) -> tuple[PolicySpec | None, list[Diagnostic
 
     dflt = v.mapping(("defaults",), top.get("defaults") or {}, _DEFAULTS_KEYS, "defaults")
     mode: Mode = v.enum(("defaults", "on_disallowed_field"), dflt.get("on_disallowed_field"),
-                        ("remove", "deny"), "on_disallowed_field", "remove")  # type: ignore[assignment]
+                        ("remove", "deny"), "on_disallowed_field", "remove")
     drop_empty = v.boolean(("defaults", "drop_when_empty"), dflt.get("drop_when_empty"), "drop_when_empty", True)
     require_reg = v.boolean(("defaults", "require_registered"), dflt.get("require_registered"),
                             "require_registered", True)
@@ -559,7 +561,8 @@ def validate_deferred(doc: Document) -> tuple[PolicySpec | None, list[Diagnostic
         rid = v.rule_id(p, m, f"rules[{i}]")
         if "effect" not in m:
             v.report(p, "schema.missing_key", "a rule needs 'effect'", "effect: permit or effect: forbid")
-        effect = v.enum((*p, "effect"), m.get("effect"), ("permit", "forbid"), "effect", "forbid")
+        effect: Literal["permit", "forbid"] = v.enum((*p, "effect"), m.get("effect"), ("permit", "forbid"),
+                                                     "effect", "forbid")
         if "destinations" not in m:
             v.report(p, "schema.missing_key", "a rule needs 'destinations'", "a list of destination names, or '*'")
         dests = v.strings((*p, "destinations"), m.get("destinations"), "destinations", star=True)
@@ -576,7 +579,7 @@ def validate_deferred(doc: Document) -> tuple[PolicySpec | None, list[Diagnostic
         if effect == "permit" and "classes" not in m:
             v.report(p, "schema.missing_key", "a permit rule needs 'classes'",
                      "list the data classes it lets through, or '*' for all (never 'prohibited')")
-        rules.append(RuleSpec(rid, v.next_order(), effect,  # type: ignore[arg-type]
+        rules.append(RuleSpec(rid, v.next_order(), effect,
                               None if dests is None else frozenset(dests),
                               None if rcls is None else frozenset(rcls),
                               None if rfields is None else frozenset(rfields),
@@ -590,7 +593,8 @@ def validate_deferred(doc: Document) -> tuple[PolicySpec | None, list[Diagnostic
             if req not in m:
                 v.report(p, "schema.missing_key", f"destination {name!r} needs {req!r}", key=True)
         jur = v.string((*p, "jurisdiction"), m.get("jurisdiction"), "jurisdiction", required=False) or ""
-        transport = v.enum((*p, "transport"), m.get("transport"), ("vault", "mqtt"), "transport", "mqtt")
+        transport: Literal["vault", "mqtt"] = v.enum((*p, "transport"), m.get("transport"), ("vault", "mqtt"),
+                                                     "transport", "mqtt")
         trust = v.enum((*p, "trust"), m.get("trust"), TRUST_LEVELS, "trust", "untrusted")
         topic = m.get("topic")
         if topic is None:
@@ -619,7 +623,7 @@ def validate_deferred(doc: Document) -> tuple[PolicySpec | None, list[Diagnostic
             if not om:
                 continue
             rid = v.rule_id(op, om, f"destinations.{name}.obligations[{i}]")
-            kinds = [k for k in ("remove", "quantize", "drop") if k in om]
+            kinds = [k for k in _OBL_KINDS if k in om]
             if len(kinds) != 1:
                 v.report(op, "schema.obligation", "an obligation says exactly one of remove, quantize or drop",
                          "split it into several obligations")
@@ -656,14 +660,14 @@ def validate_deferred(doc: Document) -> tuple[PolicySpec | None, list[Diagnostic
                                    _suggest(c, classes))
                     if ofields is None and ocls is None:
                         v.report((*op, kind), "schema.missing_key", f"{kind} needs fields or classes")
-            obligations.append(ObligationSpec(rid, v.next_order(), name, kind, ofields, ocls,  # type: ignore[arg-type]
+            obligations.append(ObligationSpec(rid, v.next_order(), name, kind, ofields, ocls,
                                               tuple(steps), w))
         destinations.append(DestinationSpec(
-            name=name, jurisdiction=jur, trust=trust, transport=transport,  # type: ignore[arg-type]
+            name=name, jurisdiction=jur, trust=trust, transport=transport,
             topic=topic if isinstance(topic, str) else "",
             rest_at_edge=v.boolean((*p, "rest_at_edge"), m.get("rest_at_edge"), "rest_at_edge", False),
             recipient_key=rkey,
-            on_disallowed_field=v.enum((*p, "on_disallowed_field"), m.get("on_disallowed_field"),  # type: ignore[arg-type]
+            on_disallowed_field=v.enum((*p, "on_disallowed_field"), m.get("on_disallowed_field"),
                                        ("remove", "deny"), "on_disallowed_field", mode),
             requires_contract=v.boolean((*p, "requires_contract"), m.get("requires_contract"),
                                         "requires_contract", False),
