@@ -183,7 +183,10 @@ class SiteCA:
             raise KeyFileError(f"{directory}/ca.key is not a PEM private key") from exc
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise KeyFileError(f"{directory}/ca.key is not an EC key")
-        if key.public_key().public_numbers() != cert.public_key().public_numbers():  # type: ignore[union-attr]
+        cert_key = cert.public_key()  # any kind of key: only an EC one has public_numbers() to compare
+        if not isinstance(cert_key, ec.EllipticCurvePublicKey) or (
+            key.public_key().public_numbers() != cert_key.public_numbers()
+        ):
             raise KeyFileError(f"{directory}/ca.key does not belong to {directory}/ca.crt")
         orgs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
         site = str(orgs[0].value) if orgs else ""

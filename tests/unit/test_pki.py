@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import json
 import os
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.crypto.pki import BROKER_CN, GATEWAY_CN, SiteCA, ssl_context_for_device
@@ -56,6 +58,21 @@ def test_ca_reloads_and_refuses_a_readable_key(tmp_path: Path) -> None:
         SiteCA.create(tmp_path / "ca", "AMS-T1")
     os.chmod(tmp_path / "ca" / "ca.key", 0o644)
     with pytest.raises(KeyFileError):
+        SiteCA.load(tmp_path / "ca")
+
+
+def test_a_ca_certificate_with_another_kind_of_key_is_refused(tmp_path: Path) -> None:
+    # ca.crt replaced by an Ed25519 certificate (no public_numbers): the key does not belong to it,
+    # a KeyFileError like any other mismatch, not an AttributeError
+    SiteCA.create(tmp_path / "ca", "AMS-T1")
+    other = ed25519.Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not the site CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(other.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(other, None))
+    (tmp_path / "ca" / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(KeyFileError, match="does not belong"):
         SiteCA.load(tmp_path / "ca")
 
 
