@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 try:  # the C accelerator (CPython); the pure encoder is the fallback
-    from json.encoder import c_make_encoder  # type: ignore[attr-defined]
+    from json.encoder import c_make_encoder  # type: ignore[attr-defined]  # private: typeshed omits it
 except ImportError:  # pragma: no cover
     c_make_encoder = None
 from json.encoder import encode_basestring
@@ -56,7 +56,7 @@ def _canonical(value: Any) -> str:
     return _dumps(value)
 
 
-class JsonList(list):  # type: ignore[type-arg]
+class JsonList(list[Any]):
     """A list that carries its own canonical JSON text, computed once when it is built.
 
     A record value the writer would otherwise serialise again for every record: the pipeline builds

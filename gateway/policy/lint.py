@@ -45,7 +45,7 @@ def lint(spec: PolicySpec, v: _V) -> None:
     prefix = f"site/{spec.site}/dev/"
     # fast path, at C speed: a single-device grant whose every filter starts with its own namespace
     single = [g for g in spec.grants if g.devices is not None and len(g.devices) == 1]
-    own = [prefix + g.devices[0] + "/" for g in single]  # type: ignore[index]
+    own = [prefix + g.devices[0] + "/" for g in single]  # type: ignore[index]  # single: devices is set
     counts = [len(g.topics) for g in single]
     flat_topics = list(chain.from_iterable(g.topics for g in single))
     flat_own = list(chain.from_iterable(map(repeat, own, counts)))
