@@ -67,7 +67,7 @@ def test_a_ca_certificate_with_another_kind_of_key_is_refused(tmp_path: Path) ->
     SiteCA.create(tmp_path / "ca", "AMS-T1")
     other = ed25519.Ed25519PrivateKey.generate()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not the site CA")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(other.public_key())
             .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
             .sign(other, None))
