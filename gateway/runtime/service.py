@@ -1290,8 +1290,10 @@ class Gateway:
         baseline for it."""
         rate = self.pipeline.rate
         base = getattr(rate, "baseline", rate)
+        if base is None:
+            return (0.0, 0.0)
         try:
-            msgs_s, burst = base.limits(device_type)[:2]  # type: ignore[union-attr]  # None: (0, 0) below
+            msgs_s, burst = base.limits(device_type)[:2]
         except (AttributeError, KeyError):
             return (0.0, 0.0)
         headroom = getattr(base, "headroom", 1.0) or 1.0
