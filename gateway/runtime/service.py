@@ -113,6 +113,11 @@ _RNG = random.SystemRandom()  # batch boundaries and interleavings: nothing a de
 PROBATION_BURST_SHARE = 0.25
 PROBATION_MIN_BURST = 5.0
 PROBATION_REFILL = 1.25
+# A device first seen has earned no slack yet: it starts with one message of allowance and builds the
+# rest at the refill's drift. With the whole slack, a burst's first x8 group left whole (7 messages in
+# the timing-burst scenario); with one message and no drift nor pay-back, honest traffic waited behind
+# the hold (83,168 of 92,053 envelopes in 3 minutes). With both, 0 and 1,699 (BENCHMARKS.md §8).
+PROBATION_START = 1.0
 PROBATION_MAX_DEVICES = 200_000
 DISK_FULL_REMIND_S = 60.0  # a disk that stays full is alerted again this often (not on every retry)
 
@@ -1271,11 +1276,7 @@ class Gateway:
             return None  # no baseline for this type: nothing to compare with
         p = self._probation.get(out.device)
         if p is None:
-            # A device first seen starts with its whole slack. Starting with one message cut a burst's
-            # first group too, but held 83,168 of 92,053 honest off-site envelopes 30 s in a 3-minute
-            # honest_fp run (an honest device runs at its nominal rate, so its allowance is a random
-            # walk: from 1 it soon hits 0, and then all it sends waits behind the hold). BENCHMARKS §8.
-            p = self._probation[out.device] = _Probation(lim[1], now, lim[0], lim[1])
+            p = self._probation[out.device] = _Probation(min(PROBATION_START, lim[1]), now, lim[0], lim[1])
             if len(self._probation) > PROBATION_MAX_DEVICES:
                 self._forget_quiet_probation(now)
         else:

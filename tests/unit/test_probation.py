@@ -28,9 +28,9 @@ def test_a_device_back_within_its_allowance_gets_its_held_excess_out_before_the_
         start = time.monotonic()
         gw._on_messages([Message(slowed.topic(RESULT_STREAM),
                                  encode(PayloadFactory(slowed, 1).make(RESULT_STREAM, seq, ms)),
-                                 1, False, seq, False, False) for seq in range(1, 10)])
+                                 1, False, seq, False, False) for seq in range(1, 6)])
         p = gw._probation[slowed.device_id]
-        assert p.held and p.tokens < 0.0, "9 at once is beyond an X-ray unit's slack (~7)"
+        assert p.held and p.tokens < 0.0, "a device first seen has earned one message of allowance, not 5"
         owed_s = -p.tokens / p.rate  # the allowance has paid for what is held after this long
         assert 0.0 < owed_s < HOLD_S / 2
         gw._on_messages([Message(bursting.topic(RESULT_STREAM),
@@ -44,7 +44,7 @@ def test_a_device_back_within_its_allowance_gets_its_held_excess_out_before_the_
         assert not p.held, "paid for out of the allowance: no reason to wait out the whole hold"
         assert gw._probation[bursting.device_id].held, "20 at once (inside its baseline): owed for longer"
         queued = [ref[2] for ob in gw.outboxes.values() for _, _, ref in ob.queue]
-        assert queued.count(slowed.device_id) >= 9, "all of it, into its re-timed batch"
+        assert queued.count(slowed.device_id) >= 5, "all of it, into its re-timed batch"
 
         gw._release_held(start + HOLD_S + 2.0)  # the hold is over without a trip: the rest goes too
         assert not gw._probation[bursting.device_id].held and gw._probation_bytes == 0
