@@ -131,7 +131,7 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "duplicates": s.duplicates,
         "refused_by_code": refused,
         "image_trailer_cuts": cuts,
-        "held_for_volume": s.held,  # delayed (at most burst_hold_s), not refused: a cost, not a false positive
+        "held_for_volume": s.held,  # delayed (burst_hold_s at most), not refused: a cost, not an FP
         # What the hold costs honest traffic: re-timed batches alone end within 1.5 x 5 s, so a message
         # acknowledged more than LATE_S after receipt waited behind a hold.
         "latency_s": {"p50": pct(0.5), "p99": pct(0.99), "max": round(lat[-1], 2) if lat else 0.0,

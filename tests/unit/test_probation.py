@@ -17,7 +17,7 @@ POLICY_DIR = Path(__file__).resolve().parents[2] / "policies"
 HOLD_S = 30.0
 
 
-def test_a_device_back_within_its_allowance_gets_its_held_excess_out_before_the_hold_ends(tmp_path: Path) -> None:
+def test_held_excess_leaves_once_the_allowance_has_paid_for_it(tmp_path: Path) -> None:
     gw = Gateway(GatewayConfig(state_dir=tmp_path, port=1, burst_hold_s=HOLD_S, isolate_after=0),
                  load_policy(POLICY_DIR))
     gw.ingest.ack = lambda pid, ack_id=None: None  # type: ignore[method-assign]
