@@ -22,12 +22,9 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from gateway.errors import CryptoError, EdgewardError
-
-if TYPE_CHECKING:  # for annotations only: each command imports what it uses when it runs
-    from gateway.crypto.keys import DataKey
+from gateway.errors import EdgewardError
 
 __all__ = ["main"]
 
@@ -252,10 +249,10 @@ async def _sim_run(root: Path, fleet: Any, args: argparse.Namespace, measure: bo
     secret = root / "broker" / "operator.secret"
     if info is None or not secret.exists():
         raise EdgewardError(f"no running site at {root}: start it with edgeward run {root}")
-    from gateway.crypto.keys import read_secret_file
+    from gateway.crypto.keys import ReloadingKeyring, read_secret_file
 
     site = _open_site(str(root))
-    ring = _ReloadingKeyring(site.keyring_path, site.kek)
+    ring = ReloadingKeyring(site.keyring_path, site.kek)
     openers = {}
     for item in args.open or []:
         dest, _, path = item.partition("=")
@@ -294,27 +291,6 @@ async def _sim_run(root: Path, fleet: Any, args: argparse.Namespace, measure: bo
 def _recipients(root: Path) -> set[str]:
     doc = json.loads((root / "site.json").read_text())
     return set(doc.get("recipients", {}))
-
-
-class _ReloadingKeyring:
-    """The site's data keys for a reader beside a running gateway: a key the gateway created after
-    this process loaded the file is picked up by reading the file again."""
-
-    def __init__(self, path: Path, kek: bytes) -> None:
-        from gateway.crypto.keys import DataKeyring
-
-        self._path, self._kek = path, kek
-        self._ring = DataKeyring(path, kek)
-        self.seq_ids = self._ring.seq_ids  # reads the device's sequence behind a destination's header
-
-    def get(self, kid: str) -> DataKey:
-        from gateway.crypto.keys import DataKeyring
-
-        try:
-            return self._ring.get(kid)
-        except CryptoError:
-            self._ring = DataKeyring(self._path, self._kek)
-            return self._ring.get(kid)
 
 
 def _read_status(root: Path) -> dict[str, Any] | None:

@@ -27,7 +27,7 @@ from gateway.crypto.seqid import SeqIds
 from gateway.errors import CryptoError, KeyFileError
 
 __all__ = ["write_secret_file", "read_secret_file", "load_or_create_kek", "DataKey", "DataKeyring",
-           "DataKeyLookup"]
+           "DataKeyLookup", "ReloadingKeyring"]
 
 KEY_BYTES = 32
 
@@ -199,3 +199,21 @@ class DataKeyring:
                 lines.append(line)
         lines.append(json.dumps({"kid": kid, "destroyed": True}, sort_keys=True))
         write_secret_file(self.path, ("\n".join(lines) + "\n").encode())
+
+
+class ReloadingKeyring:
+    """The site's data keys for a reader beside a running gateway: a key the gateway created after
+    this process loaded the file (a rotation, or a restarted gateway's first key) is picked up by
+    reading the file again."""
+
+    def __init__(self, path: Path, kek: bytes) -> None:
+        self._path, self._kek = path, kek
+        self._ring = DataKeyring(path, kek)
+        self.seq_ids = self._ring.seq_ids  # reads the device's sequence behind a destination's header
+
+    def get(self, kid: str) -> DataKey:
+        try:
+            return self._ring.get(kid)
+        except CryptoError:
+            self._ring = DataKeyring(self._path, self._kek)
+            return self._ring.get(kid)
