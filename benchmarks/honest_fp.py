@@ -12,6 +12,11 @@ not allow for that data) are the policy working, shown apart. Target: 0 false po
 
     python benchmarks/honest_fp.py                              # 1,000 devices for 10 minutes
     python benchmarks/honest_fp.py --devices 200 --minutes 1 --json
+    python benchmarks/honest_fp.py --minutes 4 --restart-at 60 --down 60   # a restart mid-run
+
+With ``--restart-at`` the gateway stops mid-run as for an upgrade and a new one starts on the same state
+after ``--down`` seconds: the broker keeps the fleet's backlog meanwhile, and the new gateway gets it at
+once. That backlog is honest too.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ def _fleet_main(port: int, devices: int, seconds: float, rate_scale: float, seed
 
 async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from gateway.audit.chain import iter_records
+    from gateway.crypto.keys import ReloadingKeyring, load_or_create_kek
     from gateway.policy import load_policy
     from gateway.runtime.receiver import DestinationReceiver
     from gateway.runtime.service import Gateway, GatewayConfig
@@ -65,44 +71,74 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     broker = start_broker(work / "broker")
     try:
         state = work / "gw"
-        # As a site runs it: rate baselines on, excess volume held (burst_hold_s) before it leaves.
-        gw = Gateway(GatewayConfig(state_dir=state, port=broker.port, **SITE_DEFAULTS), policy)
         isolated: list[str] = []
 
-        async def on_isolate(device: str) -> None:  # what a site would do: certificate on hold, disconnect
-            isolated.append(device)
+        def gateway() -> Any:
+            # As a site runs it: rate baselines on, excess volume held (burst_hold_s) before it leaves.
+            gw = Gateway(GatewayConfig(state_dir=state, port=broker.port, **SITE_DEFAULTS), policy)
 
-        gw.on_isolate = on_isolate
-        rx = DestinationReceiver("127.0.0.1", broker.port, gw.keyring, client_id="honest-fp-destinations")
+            async def on_isolate(device: str) -> None:  # as a site would: certificate on hold, disconnect
+                isolated.append(device)
+
+            gw.on_isolate = on_isolate
+            return gw
+
+        gw = gateway()
+        lives = [gw]
+        # A restarted gateway seals under a key of its own: the destinations re-read the keyring for it.
+        keys = state / "keys"
+        ring = ReloadingKeyring(keys / "datakeys.jsonl", load_or_create_kek(keys / "kek.key"))
+        rx = DestinationReceiver("127.0.0.1", broker.port, ring, client_id="honest-fp-destinations")
         await rx.start()
-        stop = asyncio.Event()
         out = work / "fleet.json"
         seconds = args.minutes * 60.0
-        async with gw:
-            serve = asyncio.create_task(gw.serve(stop))
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--fleet-child", str(broker.port),
-                   "--devices", str(args.devices), "--seconds", str(seconds), "--rate-scale", str(args.rate_scale),
-                   "--seed", str(args.seed), "--site", policy.site, "--out", str(out)]
-            t0 = time.monotonic()
-            proc = await asyncio.create_subprocess_exec(*cmd)
-            while proc.returncode is None:
-                try:
-                    await asyncio.wait_for(proc.wait(), timeout=30.0)
-                except TimeoutError:
-                    s = gw.stats
-                    log(f"  {time.monotonic() - t0:6.0f}s  gateway received {s.received}  rejected "
-                        f"{sum(s.rejected.values())}  violations {sum(s.violations.values())}  "
-                        f"isolated {len(isolated)}  at destinations {rx.total}")
-            elapsed = time.monotonic() - t0
-            if proc.returncode != 0:
-                raise RuntimeError(f"fleet process exited {proc.returncode}")
-            drained = await gw.drain(timeout=90)
-            want = sum(n for d, n in gw.stats.forwarded.items() if policy.destinations[d].transport == "mqtt")
-            deadline = time.monotonic() + 15
-            while rx.total < want and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-            stop.set()
-            await serve
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--fleet-child", str(broker.port),
+               "--devices", str(args.devices), "--seconds", str(seconds),
+               "--rate-scale", str(args.rate_scale), "--seed", str(args.seed), "--site", policy.site,
+               "--out", str(out)]
+        t0 = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(*cmd)
+        restart_at = args.restart_at
+        while True:
+            stop = asyncio.Event()
+            async with gw:
+                serve = asyncio.create_task(gw.serve(stop))
+                while proc.returncode is None:
+                    wait = 30.0
+                    if restart_at is not None:
+                        wait = min(wait, max(0.0, t0 + restart_at - time.monotonic()))
+                    try:
+                        await asyncio.wait_for(proc.wait(), timeout=wait)
+                    except TimeoutError:
+                        s = gw.stats
+                        log(f"  {time.monotonic() - t0:6.0f}s  gateway received {s.received}  rejected "
+                            f"{sum(s.rejected.values())}  violations {sum(s.violations.values())}  "
+                            f"isolated {len(isolated)}  at destinations {rx.total}")
+                        if restart_at is not None and time.monotonic() >= t0 + restart_at:
+                            break
+                if proc.returncode is not None:
+                    elapsed = time.monotonic() - t0
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"fleet process exited {proc.returncode}")
+                    drained = await gw.drain(timeout=90)
+                    want = sum(n for life in lives for d, n in life.stats.forwarded.items()
+                               if policy.destinations[d].transport == "mqtt")
+                    deadline = time.monotonic() + 15
+                    while rx.total < want and time.monotonic() < deadline:
+                        await asyncio.sleep(0.1)
+                # A restart (--restart-at): the gateway stops as for an upgrade (what it has not
+                # acknowledged stays with the broker), stays down --down seconds, and a new process
+                # starts on the same state directory while the fleet keeps sending.
+                stop.set()
+                await serve
+            if proc.returncode is not None:
+                break
+            log(f"  {time.monotonic() - t0:6.0f}s  gateway stopped; down for {args.down:g} s")
+            await asyncio.sleep(args.down)
+            restart_at = None
+            gw = gateway()
+            lives.append(gw)
+            log(f"  {time.monotonic() - t0:6.0f}s  gateway restarted")
         await rx.stop()
         fleet = json.loads(out.read_text())
         alerts: Counter[str] = Counter()
@@ -111,18 +147,24 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 alerts[f"{rec.get('kind')}:{rec.get('code', '')}".rstrip(":")] += 1
     finally:
         broker.stop()
-    s = gw.stats
+    after = sorted(lives[-1].stats.latency_s) if len(lives) > 1 else []  # the restarted gateway's
+    s = _merged([life.stats for life in lives])
     refused = dict(sorted(s.rejected.items()))
     cuts = s.violations.get("detect.image_trailer", 0)
     withheld = sum(n for k, n in s.undelivered.items() if ":withheld:" in k)
     fp = sum(refused.values()) + cuts + withheld
     lat = sorted(s.latency_s)  # receipt -> every destination acknowledged (re-timing wait included)
 
-    def pct(q: float) -> float:
+    def pct(q: float, lat: list[float] = lat) -> float:
         return round(lat[min(len(lat) - 1, int(q * len(lat)))], 2) if lat else 0.0
     return {
         "devices": args.devices,
         "minutes": args.minutes,
+        "restart": ({"at_s": args.restart_at, "down_s": args.down, "lives": len(lives),
+                     "latency_after_s": {"p50": pct(0.5, after), "p99": pct(0.99, after),
+                                         f"over_{LATE_S:g}s": sum(1 for x in after if x > LATE_S),
+                                         "of": len(after)}}
+                    if args.restart_at is not None else None),
         "rate_scale": args.rate_scale,
         "fleet": fleet,
         "elapsed_s": round(elapsed, 1),
@@ -140,10 +182,11 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "false_positives": fp,
         "false_positive_rate": (fp / s.received) if s.received else 0.0,
         "alerts": dict(sorted(alerts.items())),
-        "isolated": sorted(set(isolated) | gw.isolated),
+        "isolated": sorted(set(isolated).union(*(life.isolated for life in lives))),
         "policy_denials": dict(sorted(s.denied.items())),
         "forwarded": dict(sorted(s.forwarded.items())),
         "at_destinations": rx.total,
+        "undecryptable": rx.undecryptable,
         "undelivered": max(0, want - rx.total),
         "broker_dropped": s.broker_dropped,
         "drained": drained,
@@ -151,11 +194,32 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
+def _merged(stats: list[Any]) -> Any:
+    """One GatewayStats for the gateway's lives (a --restart-at run has two)."""
+    total = stats[0]
+    for s in stats[1:]:
+        for name, value in vars(s).items():
+            mine = getattr(total, name)
+            if isinstance(mine, Counter):
+                mine.update(value)
+            elif isinstance(mine, list):
+                mine.extend(value)
+            elif isinstance(mine, int):
+                setattr(total, name, mine + value)
+    return total
+
+
 def _table(r: dict[str, Any]) -> str:
     f = r["fleet"]
     rows = [
         ("devices (connected)", f"{r['devices']} ({f['connected']})"),
         ("duration", f"{r['minutes']:g} min (fleet ran {r['elapsed_s']} s), rate scale {r['rate_scale']:g}"),
+        *([("gateway restart", (f"at {r['restart']['at_s']:g} s, down {r['restart']['down_s']:g} s; after it: "
+                                 f"latency p50 / p99 {r['restart']['latency_after_s']['p50']} / "
+                                 f"{r['restart']['latency_after_s']['p99']} s, "
+                                 f"{r['restart']['latency_after_s'][f'over_{LATE_S:g}s']:,} of "
+                                 f"{r['restart']['latency_after_s']['of']:,} over {LATE_S:g} s"))]
+          if r["restart"] else []),
         ("messages sent (PUBACKed)", (f"{f['sent']:,}  (offered {f['offered_msgs_s']} msg/s; send failures "
                                       f"{f['failed']})")),
         ("mobile outages / buffered msgs", f"{f['outages']} / {f['buffered']}"),
@@ -185,6 +249,10 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--rate-scale", type=float, default=1.0, help="multiply every family's result rate")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--restart-at", type=float, metavar="S",
+                    help="stop the gateway S seconds into the run and start a new one on the same state")
+    ap.add_argument("--down", type=float, default=60.0, metavar="S",
+                    help="with --restart-at: how long the gateway stays down (default 60)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--fleet-child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
