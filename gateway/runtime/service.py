@@ -52,7 +52,7 @@ from gateway.audit.checkpoint import Checkpointer
 from gateway.crypto.envelope import pack_bundle, pack_header, seal_packed, unbundle
 from gateway.crypto.keys import DataKeyring, load_or_create_kek
 from gateway.crypto.recipient import RecipientSealer
-from gateway.detect import RateBaseline
+from gateway.detect import CATCH_UP_WINDOW_S, MAX_CATCH_UP_S, OUTAGE_GAP_S, RateBaseline
 from gateway.errors import BrokerError, EdgewardError, StorageFull
 from gateway.pipeline import Pipeline, PolicyLike
 from gateway.policy.shadow import shadow_divergences
@@ -397,6 +397,13 @@ class Gateway:
         self._probation_bytes = 0  # sealed envelopes held in _probation: counted against max_held_mb
         self._decision_tally: dict[int, tuple[Any, tuple[str, ...], tuple[str, ...]]] = {}
         self._nominal: dict[str, tuple[float, float]] = {}  # device type -> (normal msgs/s, slack)
+        # The hold's catch-up after an outage (as RateBaseline.catch_up): since when, and how many seconds
+        # of backlog each device is credited. A restart starts with its downtime.
+        self._hold_grace_from = -float("inf")
+        self._hold_grace_s = 0.0
+        self._last_read: float | None = None
+        if downtime:
+            self._hold_catch_up(downtime, time.monotonic())
         self._held_acks: list[tuple[int, int | None]] = []  # (packet id, ack id)
         self._last_kind_alert: dict[str, float] = {}
         self._generation = 0
@@ -666,6 +673,10 @@ class Gateway:
         withdrawn: list[tuple[Any, ...]] = []
         gen = self._generation
         t0 = time.monotonic()
+        last = self._last_read
+        if last is not None and t0 - last >= OUTAGE_GAP_S:  # nothing from any device: the ingest was down
+            self._hold_catch_up(t0 - last, t0)
+        self._last_read = t0
         for m in batch:
             if m.topic == SYS_DROPPED:
                 with contextlib.suppress(ValueError):
@@ -1276,14 +1287,36 @@ class Gateway:
             return None  # no baseline for this type: nothing to compare with
         p = self._probation.get(out.device)
         if p is None:
-            p = self._probation[out.device] = _Probation(min(PROBATION_START, lim[1]), now, lim[0], lim[1])
+            start = min(PROBATION_START, lim[1])
+            if now - self._hold_grace_from < CATCH_UP_WINDOW_S:  # first seen while an outage's backlog drains
+                start += lim[0] * self._hold_grace_s
+            p = self._probation[out.device] = _Probation(start, now, lim[0], lim[1])
             if len(self._probation) > PROBATION_MAX_DEVICES:
                 self._forget_quiet_probation(now)
         else:
-            p.tokens = min(p.cap, p.tokens + (now - p.t) * p.rate)
+            # Refilled up to the slack; a catch-up credit above it is kept until spent, never clamped.
+            p.tokens = max(p.tokens, min(p.cap, p.tokens + (now - p.t) * p.rate))
             p.t = now
         p.tokens -= 1.0  # held or not: a held message is a debt, paid back as the allowance refills
         return p if p.held or p.tokens < 0.0 else None
+
+    def _hold_catch_up(self, seconds: float, now: float) -> None:
+        """The gateway read nothing for ``seconds`` before ``now`` (it was down, or its ingest was): what
+        comes next is every device's backlog, which the gateway caused. Each device's allowance is
+        credited that long at its refill rate once, as the rate baseline is (``RateBaseline.catch_up``):
+        the devices it already knows now, and those first seen within ``CATCH_UP_WINDOW_S``. Without
+        it the backlog is a debt: a 20 s restart left 63 % of an honest fleet's messages over the next
+        minute held up to the whole ``burst_hold_s`` (BENCHMARKS.md §8). The credit is also what a
+        device may burst unheld right after an outage: at most its normal traffic over the outage
+        (``MAX_CATCH_UP_S`` at most), inside what its rate baseline allows anyway. A device holding
+        envelopes when the outage ended gets no credit: what it owes was sent before, not backlog."""
+        grace = min(MAX_CATCH_UP_S, max(0.0, seconds))
+        self._hold_grace_from, self._hold_grace_s = now, grace
+        for p in self._probation.values():
+            if p.held:
+                continue
+            p.tokens = max(p.tokens, min(p.cap, p.tokens + (now - p.t) * p.rate)) + p.rate * grace
+            p.t = now
 
     def _nominal_limits(self, device_type: str) -> tuple[float, float]:
         """(refill in messages/s, slack in messages) for a device type: the rate baseline's allowance
@@ -1329,7 +1362,7 @@ class Gateway:
         settled: list[tuple[Any, ...]] = []
         hold_s = self.config.burst_hold_s
         for device, p in list(self._holding.items()):
-            p.tokens = min(p.cap, p.tokens + (now - p.t) * p.rate)
+            p.tokens = max(p.tokens, min(p.cap, p.tokens + (now - p.t) * p.rate))
             p.t = now
             paid = everything or p.tokens >= 0.0
             while p.held and (paid or now - p.held[0][0] >= hold_s):

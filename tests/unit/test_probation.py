@@ -4,14 +4,15 @@ hold is over; a device that keeps bursting pays nothing back and keeps it held u
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
-from device_sim.devices import PayloadFactory, encode, make_fleet
+from device_sim.devices import DeviceSpec, PayloadFactory, encode, make_fleet
 from gateway.catalog import RESULT_STREAM
 from gateway.policy import load_policy
 from gateway.runtime.mqtt import Message
-from gateway.runtime.service import Gateway, GatewayConfig
+from gateway.runtime.service import PROBATION_REFILL, Gateway, GatewayConfig
 
 POLICY_DIR = Path(__file__).resolve().parents[2] / "policies"
 HOLD_S = 30.0
@@ -48,5 +49,67 @@ def test_held_excess_leaves_once_the_allowance_has_paid_for_it(tmp_path: Path) -
 
         gw._release_held(start + HOLD_S + 2.0)  # the hold is over without a trip: the rest goes too
         assert not gw._probation[bursting.device_id].held and gw._probation_bytes == 0
+    finally:
+        gw.audit.close()
+
+
+def _results(spec: DeviceSpec, seqs: range, ms: int) -> list[Message]:
+    return [Message(spec.topic(RESULT_STREAM), encode(PayloadFactory(spec, 1).make(RESULT_STREAM, seq, ms)),
+                    1, False, seq, False, False) for seq in seqs]
+
+
+def test_a_restart_backlog_is_credited_not_held(tmp_path: Path) -> None:
+    """After a restart the broker delivers every device's backlog at once; the gateway caused that
+    burst, so each device's allowance is credited its downtime (as the rate baseline is), and honest
+    backlog is not held for the whole hold."""
+    policy = load_policy(POLICY_DIR)
+    config = GatewayConfig(state_dir=tmp_path, port=1, burst_hold_s=HOLD_S, isolate_after=0)
+    xray = [spec for spec in make_fleet(24, seed=5) if spec.device_type == "xray_baggage"][0]
+    ms = int(time.time() * 1000)
+
+    first = Gateway(config, policy)
+    first.ingest.ack = lambda pid, ack_id=None: None  # type: ignore[method-assign]
+    refill, _slack = first._nominal_limits("xray_baggage")
+    down_s = 60.0  # its backlog stays inside its rate baseline's burst (75 s of normal traffic)
+    backlog = int(refill / PROBATION_REFILL * down_s)  # what it sent at its normal rate meanwhile
+    assert backlog >= 5
+    first._on_messages(_results(xray, range(1, backlog + 1), ms))
+    assert xray.device_id in first._holding, "a device first seen has one message of allowance"
+    first._flush_out()
+    first.audit.close()
+    for f in (tmp_path / "audit").glob("audit-*.jsonl"):  # the gateway stopped down_s ago
+        os.utime(f, (time.time() - down_s, time.time() - down_s))
+
+    again = Gateway(config, policy)
+    again.ingest.ack = lambda pid, ack_id=None: None  # type: ignore[method-assign]
+    try:
+        again._on_messages(_results(xray, range(backlog + 1, 2 * backlog + 1), ms))
+        assert xray.device_id not in again._holding, "its downtime's backlog: credited, not a debt"
+        assert again.stats.held == 0
+    finally:
+        again.audit.close()
+
+
+def test_an_ingest_outage_credits_known_devices_but_not_what_they_held(tmp_path: Path) -> None:
+    gw = Gateway(GatewayConfig(state_dir=tmp_path, port=1, burst_hold_s=HOLD_S, isolate_after=0),
+                 load_policy(POLICY_DIR))
+    gw.ingest.ack = lambda pid, ack_id=None: None  # type: ignore[method-assign]
+    try:
+        xray = [spec for spec in make_fleet(24, seed=5) if spec.device_type == "xray_baggage"][:2]
+        quiet, bursting = xray
+        ms = int(time.time() * 1000)
+        gw._on_messages(_results(quiet, range(1, 2), ms))
+        gw._on_messages(_results(bursting, range(1, 21), ms))
+        assert quiet.device_id not in gw._holding and bursting.device_id in gw._holding
+        refill = gw._probation[quiet.device_id].rate
+        out_s = 60.0
+        backlog = int(refill / PROBATION_REFILL * out_s)
+        gw._last_read = time.monotonic() - out_s  # nothing read from any device for a minute
+        gw._on_messages(_results(quiet, range(2, 2 + backlog), ms))
+        assert quiet.device_id not in gw._holding, "the outage's backlog is credited"
+        before = gw._probation[bursting.device_id].tokens
+        gw._on_messages(_results(bursting, range(21, 22), ms))
+        assert bursting.device_id in gw._holding, "what it held was sent before the outage: still owed"
+        assert gw._probation[bursting.device_id].tokens < before + refill * out_s / 2
     finally:
         gw.audit.close()
