@@ -33,6 +33,10 @@ Semantics are those of the per-process objects, exactly:
   window`` is treated as seen (only redeliveries reach that far back).
 - ``observe(device, size, now, device_type=...)`` is ``gateway.detect.RateBaseline.observe`` with the
   same numbers (``RateBaseline.limits()``): a message beyond the budget is reported and not charged.
+- ``catch_up(seconds, now)`` and the outage it detects (no message from any device, in any worker,
+  for ``outage_gap_s``) credit every device the backlog, as ``RateBaseline.catch_up`` does. The
+  block's first 64 bytes hold the credit and when any worker last saw a message (written without a
+  lock: racing workers write times microseconds apart).
 
 When the table is full (more distinct devices than ``capacity``, or a segment's share of them) a new
 device gets no slot and is refused, never waved through: ``observe`` returns ``state.full`` (the
@@ -55,7 +59,7 @@ from multiprocessing import shared_memory
 from typing import Any
 
 from gateway.catalog import DEVICE_TYPES
-from gateway.detect import RateBaseline
+from gateway.detect import CATCH_UP_WINDOW_S, MAX_CATCH_UP_S, RateBaseline
 
 __all__ = ["STATE_FULL", "SharedDeviceState", "WorkerDeviceState"]
 
@@ -63,6 +67,7 @@ STATE_FULL = "state.full"
 _HDR = struct.Struct("<16sBBB5xqddd")  # digest, used, dedupe_init, rate_init, high, msgs, bytes, t
 _DIGEST = struct.Struct("<16sB")
 _HIGH = struct.Struct("<q")
+_F64 = struct.Struct("<d")
 _BUCKET = struct.Struct("<ddd")
 _OFF_DEDUPE_INIT = 17
 _OFF_RATE_INIT = 18
@@ -70,6 +75,9 @@ _OFF_HIGH = 24
 _OFF_BUCKET = 32
 _OFF_BITMAP = _HDR.size  # 56
 _RING_ENTRY = struct.Struct("<8sq")  # device digest prefix, seq
+_GLOBAL = struct.Struct("<ddd")  # catch-up credit from (s), its seconds, last message seen (s; 0: none)
+_GLOBAL_SIZE = 64  # the block starts with it; the workers' rings follow
+_LAST_ANY = 16
 
 
 def _digest(device: str) -> bytes:
@@ -103,7 +111,7 @@ class SharedDeviceState:
         self.baseline = rate
         self.workers, self.ring = workers, ring
         self.ring_size = -(-(8 + ring * _RING_ENTRY.size) // 64) * 64
-        self.slots_base = workers * self.ring_size
+        self.slots_base = _GLOBAL_SIZE + workers * self.ring_size
         size = self.slots_base + self.capacity * self.slot_size
         self._shm = shared_memory.SharedMemory(create=True, size=size)
         self._owner = True
@@ -238,7 +246,7 @@ class SharedDeviceState:
     def _note(self, device: str, seq: int, ring: int) -> None:
         """Add (device, seq) to worker ``ring``'s ring (only that worker writes its ring)."""
         digest = self._slots[device][2]
-        r = ring * self.ring_size
+        r = _GLOBAL_SIZE + ring * self.ring_size
         buf = self._buf
         (n,) = _HIGH.unpack_from(buf, r)
         _RING_ENTRY.pack_into(buf, r + 8 + (n % self.ring) * _RING_ENTRY.size, digest[:8], seq)
@@ -246,7 +254,7 @@ class SharedDeviceState:
 
     def _ring_keys(self, ring: int) -> set[tuple[bytes, int]]:
         """The (digest prefix, seq) pairs worker ``ring`` accepted most recently; the ring is reset."""
-        r = ring * self.ring_size
+        r = _GLOBAL_SIZE + ring * self.ring_size
         buf = self._buf
         (n,) = _HIGH.unpack_from(buf, r)
         out = {_RING_ENTRY.unpack_from(buf, r + 8 + (k % self.ring) * _RING_ENTRY.size)
@@ -255,12 +263,42 @@ class SharedDeviceState:
         return out
 
     # ------------------------------------------------------------------ rate (RateBaseline.observe)
+    def catch_up(self, seconds: float, now: float) -> None:
+        """As ``RateBaseline.catch_up``, for every worker: each device seen before ``now`` (and each
+        first seen within ``CATCH_UP_WINDOW_S`` after it) may send ``seconds`` of backlog once."""
+        buf, fd = self._buf, self._fd
+        lockf(fd, LOCK_EX, 1, self.stripes)  # the byte after the segments' locks guards the header
+        try:
+            _GLOBAL.pack_into(buf, 0, now, min(MAX_CATCH_UP_S, max(0.0, seconds)), now)
+        finally:
+            lockf(fd, LOCK_UN, 1, self.stripes)
+
+    def _outage(self, now: float, gap_s: float) -> None:
+        """No worker saw a message for ``gap_s``: credit the backlog once (the first worker to see the
+        next message does; the others find ``_LAST_ANY`` fresh again under the lock)."""
+        buf, fd = self._buf, self._fd
+        lockf(fd, LOCK_EX, 1, self.stripes)
+        try:
+            grace_from, grace_s, last = _GLOBAL.unpack_from(buf, 0)
+            if last and now - last >= gap_s:
+                grace_from, grace_s = now, min(MAX_CATCH_UP_S, now - last)
+            _GLOBAL.pack_into(buf, 0, grace_from, grace_s, max(last, now))
+        finally:
+            lockf(fd, LOCK_UN, 1, self.stripes)
+
     def observe(self, device: str, size: int, now: float, *, device_type: str) -> str | None:
         """Charge one message of ``size`` bytes; a code if it is beyond the type's budget (or
         ``state.full`` when the device cannot be tracked)."""
         base = self.baseline
         if base is None or device_type not in DEVICE_TYPES:
             return None
+        buf = self._buf
+        grace_from, grace_s, last = _GLOBAL.unpack_from(buf, 0)
+        if last and now - last >= base.outage_gap_s:
+            self._outage(now, base.outage_gap_s)
+            grace_from, grace_s, _ = _GLOBAL.unpack_from(buf, 0)
+        elif now > last:
+            _F64.pack_into(buf, _LAST_ANY, now)  # no lock: a racing worker's older time is a few µs old
         lim = self._limits.get(device_type)
         if lim is None:
             lim = self._limits[device_type] = base.limits(device_type)
@@ -270,21 +308,26 @@ class SharedDeviceState:
             self.refused_full += 1
             return STATE_FULL
         off, seg, _ = got
-        buf, fd = self._buf, self._fd
+        fd = self._fd
         ob = off + _OFF_BUCKET
         lockf(fd, LOCK_EX, 1, seg)
         try:
             if not buf[off + _OFF_RATE_INIT]:
                 buf[off + _OFF_RATE_INIT] = 1
-                msgs, nbytes = burst, byte_burst
+                # First seen while a backlog drains (after an outage or catch_up): the same credit.
+                extra = grace_s if now - grace_from < CATCH_UP_WINDOW_S else 0.0
+                msgs, nbytes = burst + rate * extra, byte_burst + byte_rate * extra
             else:
                 msgs, nbytes, t = _BUCKET.unpack_from(buf, ob)
                 dt = now - t
                 if dt > 0.0:
-                    msgs = min(burst, msgs + dt * rate)
-                    nbytes = min(byte_burst, nbytes + dt * byte_rate)
-                else:
-                    msgs, nbytes = min(burst, msgs), min(byte_burst, nbytes)
+                    cap, byte_cap = burst, byte_burst
+                    if t < grace_from:  # its first message since the outage: the backlog's credit
+                        cap += rate * grace_s
+                        byte_cap += byte_rate * grace_s
+                    # Refill up to the cap; a credit already above it is kept until spent, never clamped.
+                    msgs = max(msgs, min(cap, msgs + dt * rate))
+                    nbytes = max(nbytes, min(byte_cap, nbytes + dt * byte_rate))
             if msgs < 1.0:
                 code: str | None = "detect.burst"
             elif nbytes < size:
@@ -334,6 +377,7 @@ class WorkerDeviceState:
         self.index = index
         self.baseline = shared.baseline
         self.observe = shared.observe
+        self.catch_up = shared.catch_up
         self.previous = shared._ring_keys(index)  # accepted by this worker's previous life
         self.reaccepted = 0
 

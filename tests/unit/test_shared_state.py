@@ -174,3 +174,43 @@ def test_a_worker_killed_holding_a_lock_does_not_wedge_the_others() -> None:
         assert time.monotonic() - t0 < 1.0
     finally:
         s.close()
+
+
+def test_outage_and_restart_credit_match_rate_baseline(state: SharedDeviceState) -> None:
+    """The backlog after an outage (no device seen for outage_gap_s) or a restart (catch_up) is credited
+    exactly as RateBaseline credits it: without it, workers refuse honest backlog as bursts."""
+    ref = RateBaseline()
+    types = sorted(DEVICE_TYPES)
+    devs = {f"d-{i}": types[i % len(types)] for i in range(12)}
+    now = 1000.0
+    refused = 0
+
+    def send(dev: str, n: int) -> None:
+        nonlocal refused
+        for _ in range(n):
+            size = 10 + len(dev)
+            got = state.observe(dev, size, now, device_type=devs[dev])
+            assert got == ref.observe(dev, size, now, device_type=devs[dev]), (dev, now)
+            refused += got is not None
+
+    for _ in range(50):
+        for dev in list(devs)[:8]:
+            send(dev, 1)
+        now += 1.0
+    refused = 0  # (a cargo scanner at 1 message/s is beyond its baseline: that is not the point here)
+    now += 400.0  # an outage: the first message after it finds everything silent since
+    for dev in devs:  # every device's backlog at once, the last four first seen now
+        rate = ref.limits(devs[dev])[0] / ref.headroom
+        send(dev, int(rate * 400.0))
+    assert refused == 0, "an outage's backlog is credited"
+    fresh = RateBaseline()
+    assert any(fresh.observe("d-0", 20, now, device_type=devs["d-0"]) for _ in range(int(
+        fresh.limits(devs["d-0"])[0] / fresh.headroom * 400.0))), "the same backlog, uncredited, trips"
+    now += 1.0
+    state.catch_up(300.0, now)
+    ref.catch_up(300.0, now)
+    now += 1.0
+    for dev in devs:
+        rate = ref.limits(devs[dev])[0] / ref.headroom
+        send(dev, int(rate * 300.0))
+    assert refused == 0, "a restarted worker's downtime is credited"
