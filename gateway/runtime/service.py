@@ -1305,8 +1305,9 @@ class Gateway:
         comes next is every device's backlog, which the gateway caused. Each device's allowance is
         credited that long at its refill rate once, as the rate baseline is (``RateBaseline.catch_up``):
         the devices it already knows now, and those first seen within ``CATCH_UP_WINDOW_S``. Without
-        it the backlog is a debt: a 20 s restart left 63 % of an honest fleet's messages over the next
-        minute held up to the whole ``burst_hold_s`` (BENCHMARKS.md §8). The credit is also what a
+        it the backlog is a debt that takes ~4 x the outage to pay: after a 60 s restart, 98.5 % of an
+        honest 1,000-device fleet's next 90 s waited out ``burst_hold_s`` (4.7 % with it, BENCHMARKS.md
+        §8). The credit is also what a
         device may burst unheld right after an outage: at most its normal traffic over the outage
         (``MAX_CATCH_UP_S`` at most), inside what its rate baseline allows anyway. A device holding
         envelopes when the outage ended gets no credit: what it owes was sent before, not backlog."""
