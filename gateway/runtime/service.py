@@ -118,6 +118,11 @@ PROBATION_REFILL = 1.25
 # the timing-burst scenario); with one message and no drift nor pay-back, honest traffic waited behind
 # the hold (83,168 of 92,053 envelopes in 3 minutes). With both, 0 and 1,699 (BENCHMARKS.md §8).
 PROBATION_START = 1.0
+# After an outage each device's allowance is credited this x its refill rate x the outage: 2.5 x nominal,
+# the rate baseline's own credit. An honest backlog is a count that scatters around the nominal rate x
+# the outage: credited at the refill rate alone (1.25 x), some devices still waited up to 26 s of the hold
+# after a 60 s restart; at 2.5 x none did (BENCHMARKS.md §8).
+PROBATION_CATCH_UP = 2.0
 PROBATION_MAX_DEVICES = 200_000
 DISK_FULL_REMIND_S = 60.0  # a disk that stays full is alerted again this often (not on every retry)
 
@@ -1289,7 +1294,7 @@ class Gateway:
         if p is None:
             start = min(PROBATION_START, lim[1])
             if now - self._hold_grace_from < CATCH_UP_WINDOW_S:  # first seen while an outage's backlog drains
-                start += lim[0] * self._hold_grace_s
+                start += PROBATION_CATCH_UP * lim[0] * self._hold_grace_s
             p = self._probation[out.device] = _Probation(start, now, lim[0], lim[1])
             if len(self._probation) > PROBATION_MAX_DEVICES:
                 self._forget_quiet_probation(now)
@@ -1303,20 +1308,21 @@ class Gateway:
     def _hold_catch_up(self, seconds: float, now: float) -> None:
         """The gateway read nothing for ``seconds`` before ``now`` (it was down, or its ingest was): what
         comes next is every device's backlog, which the gateway caused. Each device's allowance is
-        credited that long at its refill rate once, as the rate baseline is (``RateBaseline.catch_up``):
-        the devices it already knows now, and those first seen within ``CATCH_UP_WINDOW_S``. Without
-        it the backlog is a debt that takes ~4 x the outage to pay: after a 60 s restart, 98.5 % of an
-        honest 1,000-device fleet's next 90 s waited out ``burst_hold_s`` (4.7 % with it, BENCHMARKS.md
-        §8). The credit is also what a
-        device may burst unheld right after an outage: at most its normal traffic over the outage
-        (``MAX_CATCH_UP_S`` at most), inside what its rate baseline allows anyway. A device holding
-        envelopes when the outage ended gets no credit: what it owes was sent before, not backlog."""
+        credited that long at 2.5 x its nominal rate once (``PROBATION_CATCH_UP``), as the rate
+        baseline is (``RateBaseline.catch_up``): the devices it already knows now, and those first
+        seen within ``CATCH_UP_WINDOW_S``. Without it the backlog is a debt that takes ~4 x the outage
+        to pay: after a 60 s restart, 98.5 % of an honest 1,000-device fleet's next 90 s waited out
+        ``burst_hold_s`` (BENCHMARKS.md §8). The credit is also what a device may burst unheld right
+        after an outage, once: what its rate baseline lets through after the outage anyway
+        (``MAX_CATCH_UP_S`` at most). A device holding envelopes when the outage ended gets no credit:
+        what it owes was sent before, not backlog."""
         grace = min(MAX_CATCH_UP_S, max(0.0, seconds))
         self._hold_grace_from, self._hold_grace_s = now, grace
         for p in self._probation.values():
             if p.held:
                 continue
-            p.tokens = max(p.tokens, min(p.cap, p.tokens + (now - p.t) * p.rate)) + p.rate * grace
+            refilled = max(p.tokens, min(p.cap, p.tokens + (now - p.t) * p.rate))
+            p.tokens = refilled + PROBATION_CATCH_UP * p.rate * grace
             p.t = now
 
     def _nominal_limits(self, device_type: str) -> tuple[float, float]:

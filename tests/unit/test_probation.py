@@ -12,31 +12,42 @@ from device_sim.devices import DeviceSpec, PayloadFactory, encode, make_fleet
 from gateway.catalog import RESULT_STREAM
 from gateway.policy import load_policy
 from gateway.runtime.mqtt import Message
-from gateway.runtime.service import PROBATION_REFILL, Gateway, GatewayConfig
+from gateway.runtime.service import PROBATION_CATCH_UP, PROBATION_REFILL, Gateway, GatewayConfig
 
 POLICY_DIR = Path(__file__).resolve().parents[2] / "policies"
 HOLD_S = 30.0
 
 
-def test_held_excess_leaves_once_the_allowance_has_paid_for_it(tmp_path: Path) -> None:
-    gw = Gateway(GatewayConfig(state_dir=tmp_path, port=1, burst_hold_s=HOLD_S, isolate_after=0),
+def _gateway(state: Path) -> Gateway:
+    """A site's gateway (excess volume held HOLD_S), driven by calling its ingest callback directly."""
+    gw = Gateway(GatewayConfig(state_dir=state, port=1, burst_hold_s=HOLD_S, isolate_after=0),
                  load_policy(POLICY_DIR))
     gw.ingest.ack = lambda pid, ack_id=None: None  # type: ignore[method-assign]
+    return gw
+
+
+def _xray_units(n: int) -> list[DeviceSpec]:
+    return [spec for spec in make_fleet(24, seed=5) if spec.device_type == "xray_baggage"][:n]
+
+
+def _results(spec: DeviceSpec, seqs: range, ms: int, *, pids: int = 0) -> list[Message]:
+    """Result messages ``seqs`` of one device, at QoS 1 with packet ids ``pids + seq``."""
+    return [Message(spec.topic(RESULT_STREAM), encode(PayloadFactory(spec, 1).make(RESULT_STREAM, seq, ms)),
+                    1, False, pids + seq, False, False) for seq in seqs]
+
+
+def test_held_excess_leaves_once_the_allowance_has_paid_for_it(tmp_path: Path) -> None:
+    gw = _gateway(tmp_path)
     try:
-        xray = [spec for spec in make_fleet(24, seed=5) if spec.device_type == "xray_baggage"][:2]
-        slowed, bursting = xray[0], xray[1]
+        slowed, bursting = _xray_units(2)
         ms = int(time.time() * 1000)
         start = time.monotonic()
-        gw._on_messages([Message(slowed.topic(RESULT_STREAM),
-                                 encode(PayloadFactory(slowed, 1).make(RESULT_STREAM, seq, ms)),
-                                 1, False, seq, False, False) for seq in range(1, 6)])
+        gw._on_messages(_results(slowed, range(1, 6), ms))
         p = gw._probation[slowed.device_id]
         assert p.held and p.tokens < 0.0, "a device first seen has earned one message of allowance, not 5"
         owed_s = -p.tokens / p.rate  # the allowance has paid for what is held after this long
         assert 0.0 < owed_s < HOLD_S / 2
-        gw._on_messages([Message(bursting.topic(RESULT_STREAM),
-                                 encode(PayloadFactory(bursting, 1).make(RESULT_STREAM, seq, ms)),
-                                 1, False, 100 + seq, False, False) for seq in range(1, 21)])
+        gw._on_messages(_results(bursting, range(1, 21), ms, pids=100))
         assert gw._probation[bursting.device_id].held
 
         gw._release_held(start + owed_s / 2)
@@ -53,22 +64,14 @@ def test_held_excess_leaves_once_the_allowance_has_paid_for_it(tmp_path: Path) -
         gw.audit.close()
 
 
-def _results(spec: DeviceSpec, seqs: range, ms: int) -> list[Message]:
-    return [Message(spec.topic(RESULT_STREAM), encode(PayloadFactory(spec, 1).make(RESULT_STREAM, seq, ms)),
-                    1, False, seq, False, False) for seq in seqs]
-
-
 def test_a_restart_backlog_is_credited_not_held(tmp_path: Path) -> None:
     """After a restart the broker delivers every device's backlog at once; the gateway caused that
     burst, so each device's allowance is credited its downtime (as the rate baseline is), and honest
     backlog is not held for the whole hold."""
-    policy = load_policy(POLICY_DIR)
-    config = GatewayConfig(state_dir=tmp_path, port=1, burst_hold_s=HOLD_S, isolate_after=0)
-    xray = [spec for spec in make_fleet(24, seed=5) if spec.device_type == "xray_baggage"][0]
+    xray, beyond = _xray_units(2)
     ms = int(time.time() * 1000)
 
-    first = Gateway(config, policy)
-    first.ingest.ack = lambda pid, ack_id=None: None  # type: ignore[method-assign]
+    first = _gateway(tmp_path)
     refill, _slack = first._nominal_limits("xray_baggage")
     down_s = 60.0  # its backlog stays inside its rate baseline's burst (75 s of normal traffic)
     backlog = int(refill / PROBATION_REFILL * down_s)  # what it sent at its normal rate meanwhile
@@ -80,26 +83,25 @@ def test_a_restart_backlog_is_credited_not_held(tmp_path: Path) -> None:
     for f in (tmp_path / "audit").glob("audit-*.jsonl"):  # the gateway stopped down_s ago
         os.utime(f, (time.time() - down_s, time.time() - down_s))
 
-    again = Gateway(config, policy)
-    again.ingest.ack = lambda pid, ack_id=None: None  # type: ignore[method-assign]
+    again = _gateway(tmp_path)
     try:
         again._on_messages(_results(xray, range(backlog + 1, 2 * backlog + 1), ms))
         assert xray.device_id not in again._holding, "its downtime's backlog: credited, not a debt"
         assert again.stats.held == 0
+        credit = PROBATION_CATCH_UP * refill * down_s  # 2.5 x its normal traffic over the downtime
+        again._on_messages(_results(beyond, range(1, int(credit) + 10), ms, pids=1000))
+        assert beyond.device_id in again._holding, "a credit, not a pass: more than it is still held"
     finally:
         again.audit.close()
 
 
 def test_an_ingest_outage_credits_known_devices_but_not_what_they_held(tmp_path: Path) -> None:
-    gw = Gateway(GatewayConfig(state_dir=tmp_path, port=1, burst_hold_s=HOLD_S, isolate_after=0),
-                 load_policy(POLICY_DIR))
-    gw.ingest.ack = lambda pid, ack_id=None: None  # type: ignore[method-assign]
+    gw = _gateway(tmp_path)
     try:
-        xray = [spec for spec in make_fleet(24, seed=5) if spec.device_type == "xray_baggage"][:2]
-        quiet, bursting = xray
+        quiet, bursting = _xray_units(2)
         ms = int(time.time() * 1000)
         gw._on_messages(_results(quiet, range(1, 2), ms))
-        gw._on_messages(_results(bursting, range(1, 21), ms))
+        gw._on_messages(_results(bursting, range(1, 21), ms, pids=100))
         assert quiet.device_id not in gw._holding and bursting.device_id in gw._holding
         refill = gw._probation[quiet.device_id].rate
         out_s = 60.0
@@ -108,7 +110,7 @@ def test_an_ingest_outage_credits_known_devices_but_not_what_they_held(tmp_path:
         gw._on_messages(_results(quiet, range(2, 2 + backlog), ms))
         assert quiet.device_id not in gw._holding, "the outage's backlog is credited"
         before = gw._probation[bursting.device_id].tokens
-        gw._on_messages(_results(bursting, range(21, 22), ms))
+        gw._on_messages(_results(bursting, range(21, 22), ms, pids=100))
         assert bursting.device_id in gw._holding, "what it held was sent before the outage: still owed"
         assert gw._probation[bursting.device_id].tokens < before + refill * out_s / 2
     finally:
