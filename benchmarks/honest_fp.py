@@ -13,6 +13,7 @@ not allow for that data) are the policy working, shown apart. Target: 0 false po
     python benchmarks/honest_fp.py                              # 1,000 devices for 10 minutes
     python benchmarks/honest_fp.py --devices 200 --minutes 1 --json
     python benchmarks/honest_fp.py --minutes 4 --restart-at 60 --down 60   # a restart mid-run
+    python benchmarks/honest_fp.py --minutes 4 --workers 2                 # edgeward run --workers 2
 
 With ``--restart-at`` the gateway stops mid-run as for an upgrade and a new one starts on the same state
 after ``--down`` seconds: the broker keeps the fleet's backlog meanwhile, and the new gateway gets it at
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import tempfile
@@ -59,36 +61,75 @@ def _fleet_main(port: int, devices: int, seconds: float, rate_scale: float, seed
     }))
 
 
+class _SiteKeys:
+    """The data keys of every gateway of the site (each worker keeps its own keyring under the site's
+    one KEK), re-read when a restarted gateway seals under a key of its own."""
+
+    def __init__(self, dirs: list[Path], kek: bytes) -> None:
+        from gateway.crypto.keys import ReloadingKeyring
+
+        self.rings = [ReloadingKeyring(d / "keys" / "datakeys.jsonl", kek) for d in dirs]
+        self.seq_ids = self.rings[0].seq_ids  # one KEK, one sequence key
+
+    def get(self, kid: str) -> Any:
+        from gateway.errors import CryptoError
+
+        for ring in self.rings[:-1]:
+            try:
+                return ring.get(kid)
+            except CryptoError:
+                continue
+        return self.rings[-1].get(kid)
+
+
 async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from gateway.audit.chain import iter_records
-    from gateway.crypto.keys import ReloadingKeyring, load_or_create_kek
+    from gateway.crypto.keys import load_or_create_kek
+    from gateway.detect import RateBaseline
     from gateway.policy import load_policy
     from gateway.runtime.receiver import DestinationReceiver
     from gateway.runtime.service import Gateway, GatewayConfig
+    from gateway.runtime.shared_state import SharedDeviceState
     from gateway.runtime.site_runner import SITE_DEFAULTS
+    from gateway.runtime.workers import SHARE_GROUP, worker_client_id
 
     policy = load_policy(REPO / "policies")
     broker = start_broker(work / "broker")
+    n = args.workers
+    dirs = [work / "gw"] if n == 1 else [work / f"gw-w{i}" for i in range(n)]
+    kek = load_or_create_kek(work / "kek.key")
+    shared: list[Any] = []
     try:
-        state = work / "gw"
         isolated: list[str] = []
 
-        def gateway() -> Any:
-            # As a site runs it: rate baselines on, excess volume held (burst_hold_s) before it leaves.
-            gw = Gateway(GatewayConfig(state_dir=state, port=broker.port, **SITE_DEFAULTS), policy)
+        async def on_isolate(device: str) -> None:  # as a site would: certificate on hold, disconnect
+            isolated.append(device)
 
-            async def on_isolate(device: str) -> None:  # as a site would: certificate on hold, disconnect
-                isolated.append(device)
+        def gateways() -> list[Any]:
+            """One life of the site's gateway(s), as a site runs them: rate baselines on, excess volume
+            held (burst_hold_s) before it leaves; with --workers, as ``edgeward run --workers N`` builds
+            them (a shared subscription, the per-device state in shared memory, made anew per start)."""
+            if n == 1:
+                config = GatewayConfig(state_dir=dirs[0], port=broker.port, kek=kek, **SITE_DEFAULTS)
+                gws = [Gateway(config, policy)]
+            else:
+                headroom = SITE_DEFAULTS.get("rate_headroom", 2.5)  # as SiteWorkers builds it
+                state = SharedDeviceState(workers=n, rate=RateBaseline(headroom=headroom))
+                shared.append(state)
+                gws = []
+                for i in range(n):
+                    view = state.for_worker(i)
+                    gws.append(Gateway(GatewayConfig(state_dir=dirs[i], port=broker.port, kek=kek,
+                                                     client_id=worker_client_id(i), share_group=SHARE_GROUP,
+                                                     **SITE_DEFAULTS), policy, dedupe=view, rate=view))
+            for gw in gws:
+                gw.on_isolate = on_isolate
+            return gws
 
-            gw.on_isolate = on_isolate
-            return gw
-
-        gw = gateway()
-        lives = [gw]
-        # A restarted gateway seals under a key of its own: the destinations re-read the keyring for it.
-        keys = state / "keys"
-        ring = ReloadingKeyring(keys / "datakeys.jsonl", load_or_create_kek(keys / "kek.key"))
-        rx = DestinationReceiver("127.0.0.1", broker.port, ring, client_id="honest-fp-destinations")
+        life = gateways()
+        lives = [life]
+        rx = DestinationReceiver("127.0.0.1", broker.port, _SiteKeys(dirs, kek),
+                                 client_id="honest-fp-destinations")
         await rx.start()
         out = work / "fleet.json"
         seconds = args.minutes * 60.0
@@ -101,8 +142,10 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         restart_at = args.restart_at
         while True:
             stop = asyncio.Event()
-            async with gw:
-                serve = asyncio.create_task(gw.serve(stop))
+            async with contextlib.AsyncExitStack() as stack:
+                for gw in life:
+                    await stack.enter_async_context(gw)
+                serves = [asyncio.create_task(gw.serve(stop)) for gw in life]
                 while proc.returncode is None:
                     wait = 30.0
                     if restart_at is not None:
@@ -110,7 +153,7 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     try:
                         await asyncio.wait_for(proc.wait(), timeout=wait)
                     except TimeoutError:
-                        s = gw.stats
+                        s = _merged([gw.stats for gw in life], into=None)
                         log(f"  {time.monotonic() - t0:6.0f}s  gateway received {s.received}  rejected "
                             f"{sum(s.rejected.values())}  violations {sum(s.violations.values())}  "
                             f"isolated {len(isolated)}  at destinations {rx.total}")
@@ -120,8 +163,8 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     elapsed = time.monotonic() - t0
                     if proc.returncode != 0:
                         raise RuntimeError(f"fleet process exited {proc.returncode}")
-                    drained = await gw.drain(timeout=90)
-                    want = sum(n for life in lives for d, n in life.stats.forwarded.items()
+                    drained = all(await asyncio.gather(*(gw.drain(timeout=90) for gw in life)))
+                    want = sum(n for gws in lives for gw in gws for d, n in gw.stats.forwarded.items()
                                if policy.destinations[d].transport == "mqtt")
                     deadline = time.monotonic() + 15
                     while rx.total < want and time.monotonic() < deadline:
@@ -130,25 +173,29 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 # acknowledged stays with the broker), stays down --down seconds, and a new process
                 # starts on the same state directory while the fleet keeps sending.
                 stop.set()
-                await serve
+                await asyncio.gather(*serves)
             if proc.returncode is not None:
                 break
             log(f"  {time.monotonic() - t0:6.0f}s  gateway stopped; down for {args.down:g} s")
             await asyncio.sleep(args.down)
             restart_at = None
-            gw = gateway()
-            lives.append(gw)
+            life = gateways()
+            lives.append(life)
             log(f"  {time.monotonic() - t0:6.0f}s  gateway restarted")
         await rx.stop()
         fleet = json.loads(out.read_text())
         alerts: Counter[str] = Counter()
-        for rec in iter_records(state / "audit"):
-            if rec.get("event") == "alert":
-                alerts[f"{rec.get('kind')}:{rec.get('code', '')}".rstrip(":")] += 1
+        for d in dirs:
+            for rec in iter_records(d / "audit"):
+                if rec.get("event") == "alert":
+                    alerts[f"{rec.get('kind')}:{rec.get('code', '')}".rstrip(":")] += 1
     finally:
         broker.stop()
-    after = sorted(lives[-1].stats.latency_s) if len(lives) > 1 else []  # the restarted gateway's
-    s = _merged([life.stats for life in lives])
+        for state in shared:
+            state.close()
+    # the restarted gateway's
+    after = sorted(x for gw in lives[-1] for x in gw.stats.latency_s) if len(lives) > 1 else []
+    s = _merged([gw.stats for gws in lives for gw in gws])
     refused = dict(sorted(s.rejected.items()))
     cuts = s.violations.get("detect.image_trailer", 0)
     withheld = sum(n for k, n in s.undelivered.items() if ":withheld:" in k)
@@ -160,6 +207,7 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {
         "devices": args.devices,
         "minutes": args.minutes,
+        "workers": args.workers,
         "restart": ({"at_s": args.restart_at, "down_s": args.down, "lives": len(lives),
                      "latency_after_s": {"p50": pct(0.5, after), "p99": pct(0.99, after),
                                          f"over_{LATE_S:g}s": sum(1 for x in after if x > LATE_S),
@@ -182,7 +230,7 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "false_positives": fp,
         "false_positive_rate": (fp / s.received) if s.received else 0.0,
         "alerts": dict(sorted(alerts.items())),
-        "isolated": sorted(set(isolated).union(*(life.isolated for life in lives))),
+        "isolated": sorted(set(isolated).union(*(gw.isolated for gws in lives for gw in gws))),
         "policy_denials": dict(sorted(s.denied.items())),
         "forwarded": dict(sorted(s.forwarded.items())),
         "at_destinations": rx.total,
@@ -194,10 +242,13 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
-def _merged(stats: list[Any]) -> Any:
-    """One GatewayStats for the gateway's lives (a --restart-at run has two)."""
-    total = stats[0]
-    for s in stats[1:]:
+def _merged(stats: list[Any], into: Any = ...) -> Any:
+    """One GatewayStats for all the gateways and lives (workers, --restart-at), added up into the first
+    (``into=None``: into a new one, the others left as they are)."""
+    from gateway.runtime.service import GatewayStats
+
+    total = stats[0] if into is ... else GatewayStats()
+    for s in (stats[1:] if into is ... else stats):
         for name, value in vars(s).items():
             mine = getattr(total, name)
             if isinstance(mine, Counter):
@@ -213,7 +264,8 @@ def _table(r: dict[str, Any]) -> str:
     f = r["fleet"]
     rows = [
         ("devices (connected)", f"{r['devices']} ({f['connected']})"),
-        ("duration", f"{r['minutes']:g} min (fleet ran {r['elapsed_s']} s), rate scale {r['rate_scale']:g}"),
+        ("duration", (f"{r['minutes']:g} min (fleet ran {r['elapsed_s']} s), rate scale {r['rate_scale']:g}, "
+                      f"{r['workers']} gateway worker(s)")),
         *([("gateway restart", (f"at {r['restart']['at_s']:g} s, down {r['restart']['down_s']:g} s; after it: "
                                  f"latency p50 / p99 {r['restart']['latency_after_s']['p50']} / "
                                  f"{r['restart']['latency_after_s']['p99']} s, "
@@ -249,6 +301,9 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--rate-scale", type=float, default=1.0, help="multiply every family's result rate")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=1, metavar="N",
+                    help="N gateways on a shared subscription with shared per-device state, as "
+                         "'edgeward run --workers N' runs them (in this process)")
     ap.add_argument("--restart-at", type=float, metavar="S",
                     help="stop the gateway S seconds into the run and start a new one on the same state")
     ap.add_argument("--down", type=float, default=60.0, metavar="S",
