@@ -47,8 +47,7 @@ if str(REPO) not in sys.path:
 
 from device_sim import Fleet, make_fleet
 from gateway.audit.chain import iter_records, verify_chain
-from gateway.crypto.keys import DataKeyring, load_or_create_kek
-from gateway.errors import CryptoError
+from gateway.crypto.keys import ReloadingKeyring, load_or_create_kek
 from gateway.runtime.broker import BrokerConfig, MosquittoBroker, free_port
 from gateway.runtime.receiver import DestinationReceiver
 
@@ -83,18 +82,6 @@ async def main():
         t.cancel()
 asyncio.run(main())
 """
-
-
-class ReloadingKeyring(DataKeyring):
-    """The destinations' copy of the data keys: a restarted gateway starts a fresh key, so reload the
-    key file when an envelope names a key not seen yet."""
-
-    def get(self, kid: str):  # type: ignore[override]
-        try:
-            return super().get(kid)
-        except CryptoError:
-            self._load()
-            return super().get(kid)
 
 
 def start_broker(workdir: Path) -> MosquittoBroker:

@@ -61,30 +61,9 @@ def _fleet_main(port: int, devices: int, seconds: float, rate_scale: float, seed
     }))
 
 
-class _SiteKeys:
-    """The data keys of every gateway of the site (each worker keeps its own keyring under the site's
-    one KEK), re-read when a restarted gateway seals under a key of its own."""
-
-    def __init__(self, dirs: list[Path], kek: bytes) -> None:
-        from gateway.crypto.keys import ReloadingKeyring
-
-        self.rings = [ReloadingKeyring(d / "keys" / "datakeys.jsonl", kek) for d in dirs]
-        self.seq_ids = self.rings[0].seq_ids  # one KEK, one sequence key
-
-    def get(self, kid: str) -> Any:
-        from gateway.errors import CryptoError
-
-        for ring in self.rings[:-1]:
-            try:
-                return ring.get(kid)
-            except CryptoError:
-                continue
-        return self.rings[-1].get(kid)
-
-
 async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from gateway.audit.chain import iter_records
-    from gateway.crypto.keys import load_or_create_kek
+    from gateway.crypto.keys import ReloadingKeyring, load_or_create_kek
     from gateway.detect import RateBaseline
     from gateway.policy import load_policy
     from gateway.runtime.receiver import DestinationReceiver
@@ -128,8 +107,9 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
         life = gateways()
         lives = [life]
-        rx = DestinationReceiver("127.0.0.1", broker.port, _SiteKeys(dirs, kek),
-                                 client_id="honest-fp-destinations")
+        # Every worker's keys, and a restarted gateway's new ones: the destinations re-read the keyrings.
+        ring = ReloadingKeyring([d / "keys" / "datakeys.jsonl" for d in dirs], kek)
+        rx = DestinationReceiver("127.0.0.1", broker.port, ring, client_id="honest-fp-destinations")
         await rx.start()
         out = work / "fleet.json"
         seconds = args.minutes * 60.0

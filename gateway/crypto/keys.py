@@ -202,18 +202,30 @@ class DataKeyring:
 
 
 class ReloadingKeyring:
-    """The site's data keys for a reader beside a running gateway: a key the gateway created after
-    this process loaded the file (a rotation, or a restarted gateway's first key) is picked up by
-    reading the file again."""
+    """The site's data keys for a reader beside running gateways: every keyring file in ``paths`` (one
+    per gateway worker, all under the site's KEK), read again when an envelope names a key none of
+    them had when this process last read them (a rotation, or a restarted gateway's first key)."""
 
-    def __init__(self, path: Path, kek: bytes) -> None:
-        self._path, self._kek = path, kek
-        self._ring = DataKeyring(path, kek)
-        self.seq_ids = self._ring.seq_ids  # reads the device's sequence behind a destination's header
+    def __init__(self, paths: Path | list[Path], kek: bytes) -> None:
+        self._paths = [paths] if isinstance(paths, Path) else list(paths)
+        self._kek = kek
+        self._keys: dict[str, DataKey] = {}
+        self._read()
+        self.seq_ids = SeqIds.from_kek(kek)  # reads the device's sequence behind a destination's header
+
+    def _read(self) -> None:
+        keys: dict[str, DataKey] = {}  # anew: a key destroyed meanwhile is gone here too
+        for path in self._paths:
+            ring = DataKeyring(path, self._kek)
+            for kid, _created, _current in ring.list():
+                keys[kid] = ring.get(kid)
+        self._keys = keys
 
     def get(self, kid: str) -> DataKey:
-        try:
-            return self._ring.get(kid)
-        except CryptoError:
-            self._ring = DataKeyring(self._path, self._kek)
-            return self._ring.get(kid)
+        key = self._keys.get(kid)
+        if key is None:
+            self._read()
+            key = self._keys.get(kid)
+            if key is None:
+                raise CryptoError(f"data key {kid} is not in this site's keyrings")
+        return key

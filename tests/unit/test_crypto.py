@@ -9,7 +9,7 @@ import msgpack
 import pytest
 
 from gateway.crypto.envelope import Header, open_envelope, seal
-from gateway.crypto.keys import DataKeyring, load_or_create_kek, read_secret_file
+from gateway.crypto.keys import DataKeyring, ReloadingKeyring, load_or_create_kek, read_secret_file
 from gateway.errors import CryptoError, KeyFileError
 
 
@@ -79,3 +79,17 @@ def test_key_files_are_0600_and_wider_is_refused(tmp_path: Path) -> None:
     os.chmod(tmp_path / "kek.key", 0o644)
     with pytest.raises(KeyFileError, match="chmod 600"):
         read_secret_file(tmp_path / "kek.key")
+
+
+def test_reloading_keyring_reads_every_worker_and_keys_made_after_it_started(tmp_path: Path) -> None:
+    kek = os.urandom(32)
+    w0 = DataKeyring(tmp_path / "w0.jsonl", kek)
+    first = w0.current().kid
+    reader = ReloadingKeyring([tmp_path / "w0.jsonl", tmp_path / "w1.jsonl"], kek)
+    assert reader.get(first).kid == first
+    later = DataKeyring(tmp_path / "w1.jsonl", kek).current().kid  # another worker's, after the reader
+    h = Header("xr-00001", "result", 1, 0, "vault", "r1")
+    env = seal(DataKeyring(tmp_path / "w1.jsonl", kek), h, b"x")
+    assert open_envelope(reader, env) == (h, b"x") and reader.get(later).kid == later
+    with pytest.raises(CryptoError):
+        reader.get("no-such-key")
