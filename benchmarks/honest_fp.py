@@ -133,7 +133,7 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     try:
                         await asyncio.wait_for(proc.wait(), timeout=wait)
                     except TimeoutError:
-                        s = _merged([gw.stats for gw in life], into=None)
+                        s = _merged([gw.stats for gw in life])
                         log(f"  {time.monotonic() - t0:6.0f}s  gateway received {s.received}  rejected "
                             f"{sum(s.rejected.values())}  violations {sum(s.violations.values())}  "
                             f"isolated {len(isolated)}  at destinations {rx.total}")
@@ -222,13 +222,12 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
-def _merged(stats: list[Any], into: Any = ...) -> Any:
-    """One GatewayStats for all the gateways and lives (workers, --restart-at), added up into the first
-    (``into=None``: into a new one, the others left as they are)."""
+def _merged(stats: list[Any]) -> Any:
+    """One new GatewayStats adding up the gateways' and their lives' (workers, --restart-at)."""
     from gateway.runtime.service import GatewayStats
 
-    total = stats[0] if into is ... else GatewayStats()
-    for s in (stats[1:] if into is ... else stats):
+    total = GatewayStats()
+    for s in stats:
         for name, value in vars(s).items():
             mine = getattr(total, name)
             if isinstance(mine, Counter):
