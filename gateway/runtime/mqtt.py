@@ -80,9 +80,10 @@ class _Protocol(asyncio.Protocol):
     def __init__(self, client: MqttClient) -> None:
         self.client = client
         self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.client._transport = cast(asyncio.Transport, transport)  # a stream protocol's
+        self.transport = self.client._transport = cast(asyncio.Transport, transport)  # a stream protocol's
         self.client._write_paused = False
 
     def pause_writing(self) -> None:
@@ -163,7 +164,8 @@ class _Protocol(asyncio.Protocol):
         c.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.client._lost(exc)
+        if self.client._transport is self.transport:  # not a connection `connect` has replaced
+            self.client._lost(exc)
 
 
 class MqttClient:
@@ -234,6 +236,10 @@ class MqttClient:
     # ---------------------------------------------------------------- connection
     async def connect(self, timeout: float = 10.0) -> bool:
         loop = asyncio.get_running_loop()
+        old = self._transport
+        if old is not None:  # still open (e.g. a caller retrying after a timeout): this one replaces it
+            self._lost(BrokerError("replaced by a new connection"))  # its futures fail, its state goes
+            old.abort()  # its connection_lost, later, leaves the new connection alone
         self.closed = loop.create_future()
         self._connack = loop.create_future()
         self._out.clear()  # nothing written for an earlier connection goes out on this one

@@ -99,3 +99,30 @@ async def test_subscribe_waits_for_a_suback_queued_behind_a_resumed_backlog(brok
     assert codes == [1]
     assert time.monotonic() - t0 > 0.4 and got > 0, "the SUBACK came behind the backlog, after the timeout"
     await again.disconnect()
+
+
+@pytest.mark.broker
+async def test_connect_over_a_live_connection_replaces_it(broker: MosquittoBroker) -> None:
+    """A caller that connects again without closing first (the gateway's serve loop retrying after a
+    failed SUBSCRIBE): the old connection goes, and its late ``connection_lost`` must not mark the new
+    one lost (it did: the gateway's ingest stayed "disconnected" for good)."""
+    got: list[Message] = []
+    client = MqttClient(host="127.0.0.1", port=broker.port, client_id="gw-twice", on_messages=got.extend)
+    await client.connect()
+    first_closed = client.closed
+    await client.connect()
+    assert first_closed is not None and first_closed.done()  # the old connection is over for its waiters
+    await client.subscribe(("twice/#", 0))
+    await asyncio.sleep(0.2)  # the old transport's connection_lost has run by now
+    assert client.connected and client.transport is not None and not client.closed.done()
+    pub = MqttClient(host="127.0.0.1", port=broker.port, client_id="pub-twice", clean_start=True)
+    await pub.connect()
+    pub.publish("twice/a", b"x", qos=0)
+    pub.flush()
+    for _ in range(100):
+        if got:
+            break
+        await asyncio.sleep(0.02)
+    assert [m.payload for m in got] == [b"x"]
+    await pub.disconnect()
+    await client.disconnect()
