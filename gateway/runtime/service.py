@@ -224,6 +224,7 @@ class GatewayStats:
     violations: Counter[str] = field(default_factory=Counter)  # built-in invariants broken, by reason
     broker_dropped: int = 0
     reconnects: int = 0
+    connect_failures: int = 0  # reconnect attempts that failed (each retried after a backoff)
     shadow_divergent: int = 0  # messages a shadow policy would have decided differently
     undelivered: Counter[str] = field(default_factory=Counter)  # "<destination>:<reason>", counted drops
     spooled: Counter[str] = field(default_factory=Counter)
@@ -247,6 +248,7 @@ class GatewayStats:
             "violations": dict(self.violations),
             "broker_dropped": self.broker_dropped,
             "reconnects": self.reconnects,
+            "connect_failures": self.connect_failures,
             "shadow_divergent": self.shadow_divergent,
             "undelivered": dict(self.undelivered),
             "spooled": dict(self.spooled),
@@ -503,17 +505,20 @@ class Gateway:
         # SUBSCRIBE returns, and those messages belong to this connection.
         self._generation += 1
         await self.uplink.connect()
-        await self.ingest.connect()
-        if self._pause_reasons and self.ingest.transport is not None:  # still full: stay paused
-            self.ingest.transport.pause_reading()
+        resumed = await self.ingest.connect()
         site = self.pipeline.policy.site
         topic = f"site/{site}/dev/#"
         if self.config.share_group:
             topic = f"$share/{self.config.share_group}/{topic}"
         if self.config.drain_only:  # take what the session holds, nothing new
             await self.ingest.unsubscribe(topic, SYS_DROPPED)
-            return
-        await self.ingest.subscribe((topic, 1), (SYS_DROPPED, 0))
+        elif not (resumed and self._pause_reasons):
+            await self.ingest.subscribe((topic, 1), (SYS_DROPPED, 0))
+        # else: paused (disk full, memory) on a resumed session, which kept its subscriptions. A paused
+        # transport could not read the SUBACK (the wait timed out, and the serve loop connected again
+        # and again while the disk stayed full); the broker queues for the session meanwhile.
+        if self._pause_reasons and self.ingest.transport is not None:  # still full: stay paused
+            self.ingest.transport.pause_reading()
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, reconnecting (jittered backoff) whenever the broker goes away."""
@@ -543,6 +548,7 @@ class Gateway:
                         backoff = 0.1
                         break
                     except (BrokerError, OSError):
+                        self.stats.connect_failures += 1
                         backoff = min(backoff * 2, 5.0)
         finally:
             for t in (fsync_task, *helpers):
