@@ -1,5 +1,6 @@
 """A gateway that loses its ingest connection while intake is paused (here: the disk is full) must
-reconnect at once and stay paused, and lose nothing once the disk has room again.
+reconnect at once and stay paused, and lose nothing once the disk has room again: on a resumed
+session (the connection dropped) and on a new one (the broker came back without its sessions).
 
 The subscription is answered only by reading, and a paused gateway does not read: the reconnect used
 to wait for a SUBACK it could not see, time out after 10 s, and connect again over the live
@@ -18,6 +19,7 @@ from gateway.policy import load_policy
 from gateway.runtime.broker import MosquittoBroker
 from gateway.runtime.receiver import DestinationReceiver
 from gateway.runtime.service import Gateway, GatewayConfig
+from tests.conftest import start_broker
 from tests.integration.test_faults import POLICY_DIR, _FullDisk, _until
 
 
@@ -61,3 +63,49 @@ async def test_reconnect_while_disk_full_stays_paused_and_loses_nothing(broker: 
                if "dev" in r and "seq" in r and "event" not in r and r.get("reason") != "dedupe.duplicate"]
     assert len(decided) == len(set(decided)) == truth.sent
     assert verify_chain(cfg.state_dir / "audit").ok
+
+
+@pytest.mark.broker
+async def test_broker_restart_without_its_sessions_while_disk_full(tmp_path: Path) -> None:
+    """The other way back: the broker comes back without the gateway's session (its persistence
+    lost), so nothing is subscribed. The gateway subscribes anew, stays paused until the disk has
+    room, and then takes what devices send (checked with a fleet started after the disk returned)."""
+    broker = start_broker(tmp_path / "broker", persistence=False)
+    try:
+        cfg = GatewayConfig(state_dir=tmp_path / "gw", port=broker.port, rate_headroom=None)
+        gw = Gateway(cfg, load_policy(POLICY_DIR))
+        stop = asyncio.Event()
+        async with gw:
+            serve = asyncio.create_task(gw.serve(stop))
+            await asyncio.sleep(0.2)
+            name = gw.vault._fh.name
+            gw.vault._fh.close()
+            _FullDisk.full = True
+            gw.vault._fh = _FullDisk(name, "ab")
+            try:
+                first = make_fleet(10, seed=12)
+                fleet = Fleet(first, port=broker.port, seed=12, rate_scale=6, drop_every_s=None)
+                await fleet.run(1.0)
+                await _until(lambda: gw.status()["disk_full"], 10, "disk full noticed")
+                broker.kill()
+                broker.start()  # same port, no sessions
+                await _until(lambda: gw.stats.reconnects == 1 and gw.ingest.connected, 10, "reconnected")
+                failed = gw.stats.connect_failures  # attempts while the broker was down
+                await asyncio.sleep(11.0)  # longer than the SUBACK wait
+                assert "disk_full" in gw.status()["paused"]
+                assert gw.stats.connect_failures == failed, "connected once the broker was back"
+            finally:
+                _FullDisk.full = False  # space returns
+            await _until(lambda: not gw.status()["disk_full"], 15, "resumed")
+            before = gw.stats.decided
+            taken = {d.device_id for d in first}
+            second = [d for d in make_fleet(30, seed=13) if d.device_id not in taken]  # its own sequences
+            truth = await Fleet(second, port=broker.port, seed=13, rate_scale=6, drop_every_s=None).run(2.0)
+            await _until(lambda: gw.stats.decided - before >= truth.sent, 20, "the new fleet's messages decided")
+            assert gw.stats.decided - before == truth.sent
+            assert await gw.drain(20), gw.status()
+            stop.set()
+            await serve
+        assert verify_chain(cfg.state_dir / "audit").ok
+    finally:
+        broker.stop()
