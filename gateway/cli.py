@@ -206,12 +206,13 @@ def _cmd_sim(args: argparse.Namespace) -> int:
                   tls=lambda spec: ssl_context_for_device(root, spec.device_id), profiles=profiles,
                   on_progress=lambda n: print(f"\r  sent {n}", end="", file=sys.stderr, flush=True))
     measure = bool(args.scenario or args.save)
-    truth, techniques = asyncio.run(_sim_run(root, fleet, args, measure))
+    truth, techniques, undecryptable = asyncio.run(_sim_run(root, fleet, args, measure))
     print("", file=sys.stderr)
     summary: dict[str, Any] = {"devices": len(specs), "sent": truth.sent, "failed": len(truth.failed),
                                "bytes": truth.bytes_sent, "by_type": dict(truth.by_type)}
     if techniques is not None:
         summary["techniques"] = techniques
+        summary["undecryptable"] = undecryptable  # received, but no key of this site's opens it
         if args.save:
             summary["saved_run"] = args.save
     if args.json:
@@ -231,20 +232,18 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     return 0 if not truth.failed else 1
 
 
-async def _sim_run(root: Path, fleet: Any, args: argparse.Namespace, measure: bool) -> tuple[Any, Any]:
+async def _sim_run(root: Path, fleet: Any, args: argparse.Namespace, measure: bool) -> tuple[Any, Any, int]:
     """Run the fleet; with ``measure``, watch what the destinations receive (as the site's operator,
     on the gateway's listener) and report each technique's leaks from it, the vault and the audit log."""
     if not measure:
-        return await fleet.run(args.seconds), None
+        return await fleet.run(args.seconds), None, 0
     from gateway.crypto.recipient import RecipientOpener, load_private_key
     from gateway.runtime.demo import techniques_report
     from gateway.runtime.isolation import read_runtime_info
     from gateway.runtime.receiver import DestinationReceiver
     from gateway.runtime.site_runner import OPERATOR_USER
-    from gateway.runtime.workers import read_workers_file
+    from gateway.runtime.workers import read_workers_file, worker_dirs
 
-    if read_workers_file(root) is not None:
-        raise EdgewardError("measuring a scenario needs a single-gateway site (edgeward run without --workers)")
     info = read_runtime_info(root)
     secret = root / "broker" / "operator.secret"
     if info is None or not secret.exists():
@@ -252,7 +251,9 @@ async def _sim_run(root: Path, fleet: Any, args: argparse.Namespace, measure: bo
     from gateway.crypto.keys import ReloadingKeyring, read_secret_file
 
     site = _open_site(str(root))
-    ring = ReloadingKeyring(site.keyring_path, site.kek)
+    # With workers (edgeward run --workers N) each worker seals under its own keyring, one KEK.
+    parts = [root] + ([d for _, d in worker_dirs(root)] if read_workers_file(root) is not None else [])
+    ring = ReloadingKeyring([site.keyring_path] + [d / "keys" / "datakeys.jsonl" for d in parts[1:]], site.kek)
     openers = {}
     for item in args.open or []:
         dest, _, path = item.partition("=")
@@ -283,9 +284,9 @@ async def _sim_run(root: Path, fleet: Any, args: argparse.Namespace, measure: bo
         print(f"note: {', '.join(closed)} receive(s) data sealed to their own key; without --open DEST=KEY "
               f"those envelopes cannot be searched and are counted undecryptable ({rx.undecryptable})",
               file=sys.stderr)
-    techniques = techniques_report(truth, rx.messages, ring, root, save_dir=Path(args.save) if args.save else None,
+    techniques = techniques_report(truth, rx.messages, ring, parts, save_dir=Path(args.save) if args.save else None,
                                    meta={"scenario": args.scenario, "seconds": args.seconds, "site": str(root)})
-    return truth, techniques
+    return truth, techniques, rx.undecryptable
 
 
 def _recipients(root: Path) -> set[str]:

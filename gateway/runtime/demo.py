@@ -172,20 +172,25 @@ async def run_demo(opts: DemoOptions, *, load_policy: Callable[[Path], PolicyLik
             tmp.cleanup()
 
 
-def techniques_report(truth: Any, received: list[Any], keyring: Any, root: Path, *,
+def techniques_report(truth: Any, received: list[Any], keyring: Any, root: Path | list[Path], *,
                       save_dir: Path | None = None, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Per hostile technique: attempts, detected, refused, neutralised and leaked (device_sim.report),
-    from what the destinations received and the vault and audit log under ``root``."""
+    from what the destinations received and the vault and audit log under ``root`` (or under each of
+    several state directories: a site's and its workers', with a keyring that opens all their vaults)."""
     from device_sim.report import measure_run
 
     from gateway.codec import decode
     from gateway.crypto.envelope import open_envelope
 
+    roots = [root] if isinstance(root, Path) else root
     vault = []
-    for env in read_vault(root / "vault"):
-        h, pt = open_envelope(keyring, env)
-        vault.append((h, decode(pt)))
-    rows = measure_run(truth, received, vault, iter_records(root / "audit"), save_dir=save_dir, meta=meta)
+    records: list[dict[str, Any]] = []
+    for r in roots:
+        for env in read_vault(r / "vault"):
+            h, pt = open_envelope(keyring, env)
+            vault.append((h, decode(pt)))
+        records.extend(iter_records(r / "audit"))
+    rows = measure_run(truth, received, vault, records, save_dir=save_dir, meta=meta)
     return {r.technique: r.to_json() for r in rows}
 
 

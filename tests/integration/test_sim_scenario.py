@@ -30,7 +30,10 @@ profiles:
 
 
 @pytest.mark.broker
-def test_sim_scenario_measures_leaks_and_saves_the_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sim_scenario_measures_leaks_and_saves_the_run(tmp_path: Path, workers: int) -> None:
+    """With ``workers`` 2 the site runs ``edgeward run --workers 2``: the destinations' envelopes come
+    sealed under either worker's keys, and the vault and audit are the workers' own."""
     scenario_file = tmp_path / "cli-mixed.yaml"
     scenario_file.write_text(SCENARIO)
     ids = [s.device_id for s in load_scenario(str(scenario_file)).fleet()]
@@ -42,7 +45,8 @@ def test_sim_scenario_measures_leaks_and_saves_the_run(tmp_path: Path) -> None:
     out = _edgeward("sim", str(site), "--scenario", str(scenario_file), "--seconds", "1", env=env, check=False)
     assert out.returncode != 0 and "no running site" in out.stderr, out.stderr
 
-    run = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", str(site)], cwd=REPO, env=env,
+    run = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", str(site), "--workers", str(workers)],
+                           cwd=REPO, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 20
@@ -57,6 +61,10 @@ def test_sim_scenario_measures_leaks_and_saves_the_run(tmp_path: Path) -> None:
     assert not (site / "broker" / "operator.secret").exists(), "the operator's secret outlives the broker"
     result = json.loads(sim.stdout)
     tech = result["techniques"]
+    assert result["undecryptable"] == 0  # every worker's keyring was read
+    if workers > 1:  # both workers decided messages: the report read both vaults and audit chains
+        parts = [sum(1 for _ in (site / f"worker-{i}" / "vault").glob("vault-*.seg")) for i in range(workers)]
+        assert all(parts), parts
     assert set(tech) == {"timing", "covert_field", "free_text"}
     assert tech["covert_field"]["attempts"] > 0 and tech["covert_field"]["detected"] == tech["covert_field"]["attempts"]
     assert tech["free_text"]["attempts"] > 0
