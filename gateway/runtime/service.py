@@ -360,6 +360,9 @@ class Gateway:
         self.pipeline = Pipeline(policy, self.keyring, clock_ms=lambda: int(clock() * 1000), recipients=recipients,
                                  dedupe=dedupe, rate=rate, enforce_rate=rate is not None,
                                  seq_ids=self.keyring.seq_ids)
+        # Workers (SharedDeviceState) hold against one allowance per device for all of them; a single
+        # gateway keeps it in _Probation.tokens.
+        self._shared_hold = getattr(rate, "hold_allowance", None)
         # Only re-timed uplinks stamp their headers; with re-timing off the hot path skips the call.
         self.pipeline.header_ts = self._header_ts if config.retime else None
         # A restart after downtime: the broker holds the fleet's backlog for this session and delivers
@@ -1297,6 +1300,7 @@ class Gateway:
         if not lim[0]:
             return None  # no baseline for this type: nothing to compare with
         p = self._probation.get(out.device)
+        shared = self._shared_hold
         if p is None:
             start = min(PROBATION_START, lim[1])
             if now - self._hold_grace_from < CATCH_UP_WINDOW_S:  # first seen while an outage's backlog drains
@@ -1304,6 +1308,14 @@ class Gateway:
             p = self._probation[out.device] = _Probation(start, now, lim[0], lim[1])
             if len(self._probation) > PROBATION_MAX_DEVICES:
                 self._forget_quiet_probation(now)
+            if shared is not None:  # the other workers may know the device: theirs is the allowance
+                tokens = shared(out.device, now, p.rate, p.cap, charge=1.0, start=start)
+                if tokens is not None:
+                    p.tokens = tokens
+                    return p if tokens < 0.0 else None
+        elif shared is not None and (tokens := shared(out.device, now, p.rate, p.cap, charge=1.0)) is not None:
+            p.tokens, p.t = tokens, now
+            return p if p.held or tokens < 0.0 else None
         else:
             # Refilled up to the slack; a catch-up credit above it is kept until spent, never clamped.
             p.tokens = max(p.tokens, min(p.cap, p.tokens + (now - p.t) * p.rate))
@@ -1324,9 +1336,16 @@ class Gateway:
         what it owes was sent before, not backlog."""
         grace = min(MAX_CATCH_UP_S, max(0.0, seconds))
         self._hold_grace_from, self._hold_grace_s = now, grace
-        for p in self._probation.values():
+        shared = self._shared_hold
+        for device, p in self._probation.items():
             if p.held:
                 continue
+            if shared is not None:  # each worker notices the outage; the allowance is credited once
+                tokens = shared(device, now, p.rate, p.cap, credit=PROBATION_CATCH_UP * p.rate * grace,
+                                unless_since=now - grace)
+                if tokens is not None:
+                    p.tokens, p.t = tokens, now
+                    continue
             refilled = max(p.tokens, min(p.cap, p.tokens + (now - p.t) * p.rate))
             p.tokens = refilled + PROBATION_CATCH_UP * p.rate * grace
             p.t = now
@@ -1374,8 +1393,10 @@ class Gateway:
         an honest 10-minute fleet, BENCHMARKS.md §8). A device that keeps bursting never pays."""
         settled: list[tuple[Any, ...]] = []
         hold_s = self.config.burst_hold_s
+        shared = self._shared_hold
         for device, p in list(self._holding.items()):
-            p.tokens = max(p.tokens, min(p.cap, p.tokens + (now - p.t) * p.rate))
+            tokens = shared(device, now, p.rate, p.cap) if shared is not None else None
+            p.tokens = max(p.tokens, min(p.cap, p.tokens + (now - p.t) * p.rate)) if tokens is None else tokens
             p.t = now
             paid = everything or p.tokens >= 0.0
             while p.held and (paid or now - p.held[0][0] >= hold_s):

@@ -23,8 +23,8 @@ An update is ordered so that a worker killed inside it leaves the key either unr
 again on redelivery) or fully recorded (``WorkerDeviceState`` explains how the killed worker gets its
 own unacknowledged messages back). Slot::
 
-    digest 16s | used u8 | dedupe_init u8 | rate_init u8 | pad 5 | high q | msgs d | bytes d | t d
-    | bitmap (window bits: bit ``seq % window`` set = that sequence was seen)
+    digest 16s | used u8 | dedupe_init u8 | rate_init u8 | hold_init u8 | pad 4 | high q | msgs d
+    | bytes d | t d | hold tokens d | hold t d | bitmap (window bits: bit ``seq % window`` set = seen)
 
 Semantics are those of the per-process objects, exactly:
 
@@ -37,6 +37,12 @@ Semantics are those of the per-process objects, exactly:
   for ``outage_gap_s``) credit every device the backlog, as ``RateBaseline.catch_up`` does. The
   block's first 64 bytes hold the credit and when any worker last saw a message (written without a
   lock: racing workers write times microseconds apart).
+- ``hold_allowance(device, now, ...)`` is the gateway's normal-rate allowance for holding excess
+  volume (``Gateway._probation_hold``), one bucket per device for all workers. Per worker, each
+  worker held against a whole allowance while it saw 1/N of a device's messages: with two workers an
+  x8 burst split 4/4 and went out whole (5 of 32 burst groups, 35 secret bytes, in a 120 s
+  timing-burst run; none with one gateway). Its clock is ``time.monotonic()``, which is one clock for
+  every process of the machine.
 
 When the table is full (more distinct devices than ``capacity``, or a segment's share of them) a new
 device gets no slot and is refused, never waved through: ``observe`` returns ``state.full`` (the
@@ -64,7 +70,7 @@ from gateway.detect import CATCH_UP_WINDOW_S, MAX_CATCH_UP_S, RateBaseline
 __all__ = ["STATE_FULL", "SharedDeviceState", "WorkerDeviceState"]
 
 STATE_FULL = "state.full"
-_HDR = struct.Struct("<16sBBB5xqddd")  # digest, used, dedupe_init, rate_init, high, msgs, bytes, t
+_HDR = struct.Struct("<16sBBBB4xqddddd")  # digest, used, 3 x init, high, msgs, bytes, t, hold tokens, hold t
 _DIGEST = struct.Struct("<16sB")
 _HIGH = struct.Struct("<q")
 _F64 = struct.Struct("<d")
@@ -72,8 +78,11 @@ _BUCKET = struct.Struct("<ddd")
 _OFF_DEDUPE_INIT = 17
 _OFF_RATE_INIT = 18
 _OFF_HIGH = 24
+_OFF_HOLD_INIT = 19
 _OFF_BUCKET = 32
-_OFF_BITMAP = _HDR.size  # 56
+_HOLD = struct.Struct("<dd")  # the gateway's hold allowance: tokens, when last refilled (monotonic s)
+_OFF_HOLD = 56
+_OFF_BITMAP = _HDR.size  # 72
 _RING_ENTRY = struct.Struct("<8sq")  # device digest prefix, seq
 _GLOBAL = struct.Struct("<ddd")  # catch-up credit from (s), its seconds, last message seen (s; 0: none)
 _GLOBAL_SIZE = 64  # the block starts with it; the workers' rings follow
@@ -341,6 +350,37 @@ class SharedDeviceState:
             lockf(fd, LOCK_UN, 1, seg)
         return code
 
+    # ------------------------------------------------------------------ hold (Gateway._probation_hold)
+    def hold_allowance(self, device: str, now: float, rate: float, cap: float, *, charge: float = 0.0,
+                       start: float = 1.0, credit: float = 0.0, unless_since: float = 0.0) -> float | None:
+        """The device's hold allowance after refilling it (``rate`` a second, up to ``cap``; a credit
+        already above the cap is kept until spent), adding ``credit`` unless it was refilled after
+        ``unless_since`` (so workers that each notice one outage credit it once), or while it still owes
+        (it is holding: what it owes was sent before the outage), and charging
+        ``charge`` messages. A device's first call starts it at ``start``. None: no slot (table full)."""
+        got = self._slot(device, create=True)
+        if got is None:
+            return None
+        off, seg, _ = got
+        buf, fd = self._buf, self._fd
+        oh = off + _OFF_HOLD
+        lockf(fd, LOCK_EX, 1, seg)
+        try:
+            if not buf[off + _OFF_HOLD_INIT]:
+                buf[off + _OFF_HOLD_INIT] = 1
+                tokens, t = start, now
+            else:
+                tokens, t = _HOLD.unpack_from(buf, oh)
+                if now > t:
+                    tokens = max(tokens, min(cap, tokens + (now - t) * rate))
+                if credit and t <= unless_since and tokens >= 0.0:  # one that still owes gets none
+                    tokens += credit
+            tokens -= charge
+            _HOLD.pack_into(buf, oh, tokens, max(t, now))
+        finally:
+            lockf(fd, LOCK_UN, 1, seg)
+        return tokens
+
     # ------------------------------------------------------------------ inspection
     def high(self, device: str) -> int | None:
         """The highest sequence seen from ``device`` (None: never seen)."""
@@ -378,6 +418,7 @@ class WorkerDeviceState:
         self.baseline = shared.baseline
         self.observe = shared.observe
         self.catch_up = shared.catch_up
+        self.hold_allowance = shared.hold_allowance
         self.previous = shared._ring_keys(index)  # accepted by this worker's previous life
         self.reaccepted = 0
 

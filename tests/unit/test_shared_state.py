@@ -214,3 +214,21 @@ def test_outage_and_restart_credit_match_rate_baseline(state: SharedDeviceState)
         rate = ref.limits(devs[dev])[0] / ref.headroom
         send(dev, int(rate * 300.0))
     assert refused == 0, "a restarted worker's downtime is credited"
+
+
+def test_hold_allowance_is_one_bucket_credited_once_per_outage() -> None:
+    s = SharedDeviceState(capacity=16, window=64, stripes=2, rate=None, workers=2)
+    try:
+        a, b = s.for_worker(0), s.for_worker(1)
+        assert a.hold_allowance("d", 100.0, 0.5, 5.0, charge=1.0, start=1.0) == 0.0  # first seen: start - 1
+        assert b.hold_allowance("d", 100.0, 0.5, 5.0, charge=1.0, start=1.0) == -1.0  # one bucket, not two
+        assert a.hold_allowance("d", 104.0, 0.5, 5.0) == 1.0  # refilled at 0.5/s
+        assert a.hold_allowance("d", 200.0, 0.5, 5.0) == 5.0  # up to the slack
+        # an outage from 200 to 260 s: both workers notice it, the device is credited once
+        assert a.hold_allowance("d", 260.0, 0.5, 5.0, credit=60.0, unless_since=200.0) == 65.0
+        assert b.hold_allowance("d", 260.5, 0.5, 5.0, credit=60.0, unless_since=200.5) == 65.0
+        assert a.hold_allowance("d", 261.0, 0.5, 5.0, charge=1.0) == 64.0  # a credit is kept until spent
+        s.hold_allowance("e", 300.0, 0.5, 5.0, charge=3.0, start=1.0)  # owes 2 for what it holds
+        assert s.hold_allowance("e", 360.0, 0.01, 5.0, credit=60.0, unless_since=300.5) == pytest.approx(-1.4)
+    finally:
+        s.close()
