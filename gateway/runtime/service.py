@@ -363,6 +363,7 @@ class Gateway:
         # Workers (SharedDeviceState) hold against one allowance per device for all of them; a single
         # gateway keeps it in _Probation.tokens.
         self._shared_hold = getattr(rate, "hold_allowance", None)
+        self._shared_state = rate if self._shared_hold is not None else None
         # Only re-timed uplinks stamp their headers; with re-timing off the hot path skips the call.
         self.pipeline.header_ts = self._header_ts if config.retime else None
         # A restart after downtime: the broker holds the fleet's backlog for this session and delivers
@@ -719,8 +720,8 @@ class Gateway:
                     stats.rejected[out.reason] += 1
                     if out.reason in SECURITY_REASONS or out.reason.startswith("detect."):
                         self._on_violation(out, m)
-                    if out.device in self._probation and (out.reason.startswith("detect.")
-                                                          or out.reason == "guard.isolated"):
+                    if (out.device in self._probation or self._shared_state is not None) and (
+                            out.reason.startswith("detect.") or out.reason == "guard.isolated"):
                         withdrawn.extend(self._withdraw(out.device, out.reason))
             else:
                 if "trailer_cut" in out.record:
@@ -1371,6 +1372,11 @@ class Gateway:
 
     def _withdraw(self, device: str, reason: str) -> list[tuple[Any, ...]]:
         """The device tripped its baseline (or was isolated): what it had held never leaves."""
+        if self._shared_state is not None:  # the other workers withdraw what they hold of it too
+            self._shared_state.hold_withdraw(device, time.monotonic(), reason)
+        return self._withdraw_held(device, reason)
+
+    def _withdraw_held(self, device: str, reason: str) -> list[tuple[Any, ...]]:
         p = self._holding.pop(device, None)
         if p is None:
             return []
@@ -1393,8 +1399,13 @@ class Gateway:
         an honest 10-minute fleet, BENCHMARKS.md §8). A device that keeps bursting never pays."""
         settled: list[tuple[Any, ...]] = []
         hold_s = self.config.burst_hold_s
-        shared = self._shared_hold
+        shared, state = self._shared_hold, self._shared_state
         for device, p in list(self._holding.items()):
+            if state is not None:  # also at close: a tripped device's burst never leaves
+                when, why = state.hold_withdrawn(device)
+                if p.held and when >= p.held[0][0]:  # another worker saw it trip while this one held
+                    settled.extend(self._withdraw_held(device, why))
+                    continue
             tokens = shared(device, now, p.rate, p.cap) if shared is not None else None
             p.tokens = max(p.tokens, min(p.cap, p.tokens + (now - p.t) * p.rate)) if tokens is None else tokens
             p.t = now

@@ -23,8 +23,9 @@ An update is ordered so that a worker killed inside it leaves the key either unr
 again on redelivery) or fully recorded (``WorkerDeviceState`` explains how the killed worker gets its
 own unacknowledged messages back). Slot::
 
-    digest 16s | used u8 | dedupe_init u8 | rate_init u8 | hold_init u8 | pad 4 | high q | msgs d
-    | bytes d | t d | hold tokens d | hold t d | bitmap (window bits: bit ``seq % window`` set = seen)
+    digest 16s | used u8 | dedupe_init u8 | rate_init u8 | hold_init u8 | withdrawn_why u8 | pad 3
+    | high q | msgs d | bytes d | t d | hold tokens d | hold t d | withdrawn d
+    | bitmap (window bits: bit ``seq % window`` set = that sequence was seen)
 
 Semantics are those of the per-process objects, exactly:
 
@@ -42,7 +43,8 @@ Semantics are those of the per-process objects, exactly:
   worker held against a whole allowance while it saw 1/N of a device's messages: with two workers an
   x8 burst split 4/4 and went out whole (5 of 32 burst groups, 35 secret bytes, in a 120 s
   timing-burst run; none with one gateway). Its clock is ``time.monotonic()``, which is one clock for
-  every process of the machine.
+  every process of the machine. ``hold_withdraw`` notes that a device tripped (or was isolated), so
+  every worker withdraws what it holds of the device, not only the one that saw the trip.
 
 When the table is full (more distinct devices than ``capacity``, or a segment's share of them) a new
 device gets no slot and is refused, never waved through: ``observe`` returns ``state.full`` (the
@@ -70,7 +72,7 @@ from gateway.detect import CATCH_UP_WINDOW_S, MAX_CATCH_UP_S, RateBaseline
 __all__ = ["STATE_FULL", "SharedDeviceState", "WorkerDeviceState"]
 
 STATE_FULL = "state.full"
-_HDR = struct.Struct("<16sBBBB4xqddddd")  # digest, used, 3 x init, high, msgs, bytes, t, hold tokens, hold t
+_HDR = struct.Struct("<16sBBBBB3xqdddddd")  # digest, used, 3 x init, withdrawn why, high, 3 + 3 buckets' d
 _DIGEST = struct.Struct("<16sB")
 _HIGH = struct.Struct("<q")
 _F64 = struct.Struct("<d")
@@ -79,10 +81,14 @@ _OFF_DEDUPE_INIT = 17
 _OFF_RATE_INIT = 18
 _OFF_HIGH = 24
 _OFF_HOLD_INIT = 19
+_OFF_WITHDRAWN_WHY = 20
 _OFF_BUCKET = 32
 _HOLD = struct.Struct("<dd")  # the gateway's hold allowance: tokens, when last refilled (monotonic s)
 _OFF_HOLD = 56
-_OFF_BITMAP = _HDR.size  # 72
+_OFF_WITHDRAWN = 72  # when a worker last withdrew what the device held (monotonic s; 0: never)
+_OFF_BITMAP = _HDR.size  # 80
+# Why, as one byte: what a worker that did not see the trip audits.
+WITHDRAW_REASONS = ("", "detect.burst", "detect.volume", "guard.isolated")
 _RING_ENTRY = struct.Struct("<8sq")  # device digest prefix, seq
 _GLOBAL = struct.Struct("<ddd")  # catch-up credit from (s), its seconds, last message seen (s; 0: none)
 _GLOBAL_SIZE = 64  # the block starts with it; the workers' rings follow
@@ -381,6 +387,35 @@ class SharedDeviceState:
             lockf(fd, LOCK_UN, 1, seg)
         return tokens
 
+    def hold_withdraw(self, device: str, now: float, reason: str) -> None:
+        """A worker withdrew what it held of ``device`` at ``now`` (it tripped, or was isolated)."""
+        got = self._slot(device, create=False)
+        if got is None:
+            return
+        off, seg, _ = got
+        buf, fd = self._buf, self._fd
+        lockf(fd, LOCK_EX, 1, seg)
+        try:
+            _F64.pack_into(buf, off + _OFF_WITHDRAWN, now)
+            buf[off + _OFF_WITHDRAWN_WHY] = WITHDRAW_REASONS.index(reason) if reason in WITHDRAW_REASONS else 0
+        finally:
+            lockf(fd, LOCK_UN, 1, seg)
+
+    def hold_withdrawn(self, device: str) -> tuple[float, str]:
+        """(when, why) a worker last withdrew what it held of ``device``; (0.0, "") never."""
+        got = self._slot(device, create=False)
+        if got is None:
+            return 0.0, ""
+        off, seg, _ = got
+        buf, fd = self._buf, self._fd
+        lockf(fd, LOCK_EX, 1, seg)
+        try:
+            when = float(_F64.unpack_from(buf, off + _OFF_WITHDRAWN)[0])
+            why = WITHDRAW_REASONS[buf[off + _OFF_WITHDRAWN_WHY]] or "tripped"
+        finally:
+            lockf(fd, LOCK_UN, 1, seg)
+        return when, why
+
     # ------------------------------------------------------------------ inspection
     def high(self, device: str) -> int | None:
         """The highest sequence seen from ``device`` (None: never seen)."""
@@ -419,6 +454,8 @@ class WorkerDeviceState:
         self.observe = shared.observe
         self.catch_up = shared.catch_up
         self.hold_allowance = shared.hold_allowance
+        self.hold_withdraw = shared.hold_withdraw
+        self.hold_withdrawn = shared.hold_withdrawn
         self.previous = shared._ring_keys(index)  # accepted by this worker's previous life
         self.reaccepted = 0
 

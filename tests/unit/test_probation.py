@@ -162,3 +162,32 @@ def test_workers_hold_against_one_allowance(tmp_path: Path, monkeypatch: pytest.
         for gw in (one, *workers):
             gw.audit.close()
         state.close()
+
+
+def test_a_trip_seen_by_one_worker_withdraws_what_another_holds(tmp_path: Path) -> None:
+    """The worker that sees a device trip its baseline withdraws what it holds of the device; another
+    worker holding some of the same burst must not let it go when its hold is over."""
+    xray = _xray_units(1)[0]
+    ms = int(time.time() * 1000)
+    state = SharedDeviceState(capacity=64, window=64, stripes=4, rate=RateBaseline(), workers=2)
+    w0, w1 = (_gateway(tmp_path / f"w{i}", state.for_worker(i)) for i in range(2))
+    try:
+        w1._on_messages(_results(xray, range(1, 11), ms))  # a burst: held by the worker that got it
+        assert xray.device_id in w1._holding and not w1.stats.rejected
+        seq = 11
+        while not w0.stats.rejected and seq < 2_000:  # more of it, to the other worker, until it trips
+            w0._on_messages(_results(xray, range(seq, seq + 1), ms))
+            seq += 1
+        assert w0.stats.rejected["detect.burst"] == 1
+        def queued() -> int:
+            return sum(ref[2] == xray.device_id for ob in w1.outboxes.values() for _, _, ref in ob.queue)
+
+        before = queued()  # its first message, inside the allowance, went on
+        w1._release_held(time.monotonic() + HOLD_S + 1.0)  # its hold is over, and w1 saw no trip itself
+        assert xray.device_id not in w1._holding
+        assert queued() == before, "withdrawn, not released"
+        assert sum(n for k, n in w1.stats.undelivered.items() if k.endswith(":withheld:detect.burst")) >= 9
+    finally:
+        for gw in (w0, w1):
+            gw.audit.close()
+        state.close()
