@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 from device_sim import Fleet, make_fleet
-from gateway.audit.chain import iter_records, verify_chain
+from gateway.audit.chain import verify_chain
 from gateway.policy import load_policy
 from gateway.runtime.broker import MosquittoBroker
 from gateway.runtime.receiver import DestinationReceiver
 from gateway.runtime.service import Gateway, GatewayConfig
 from tests.conftest import start_broker
-from tests.integration.test_faults import POLICY_DIR, _FullDisk, _until
+from tests.integration.test_faults import POLICY_DIR, _decided, _FullDisk, _fill_vault_disk, _until
 
 
 @pytest.mark.broker
@@ -37,10 +37,7 @@ async def test_reconnect_while_disk_full_stays_paused_and_loses_nothing(broker: 
         fleet = Fleet(make_fleet(20, seed=11), port=broker.port, seed=11, rate_scale=6, drop_every_s=None)
         run = asyncio.create_task(fleet.run(6.0))
         await asyncio.sleep(1.0)
-        name = gw.vault._fh.name
-        gw.vault._fh.close()
-        _FullDisk.full = True
-        gw.vault._fh = _FullDisk(name, "ab")
+        _fill_vault_disk(gw)
         await _until(lambda: gw.status()["disk_full"], 10, "disk full noticed")
         gw.ingest.abort()  # the ingest connection drops while intake is paused
         await _until(lambda: gw.stats.reconnects == 1 and gw.ingest.connected, 10, "reconnected")
@@ -57,10 +54,8 @@ async def test_reconnect_while_disk_full_stays_paused_and_loses_nothing(broker: 
         stop.set()
         await serve
     await rx.stop()
-    records = list(iter_records(cfg.state_dir / "audit"))
     # each message decided exactly once; what was in hand at the drop came again and was recognised
-    decided = [(r["dev"], r["seq"]) for r in records
-               if "dev" in r and "seq" in r and "event" not in r and r.get("reason") != "dedupe.duplicate"]
+    decided = _decided(cfg.state_dir)
     assert len(decided) == len(set(decided)) == truth.sent
     assert verify_chain(cfg.state_dir / "audit").ok
 
@@ -78,10 +73,7 @@ async def test_broker_restart_without_its_sessions_while_disk_full(tmp_path: Pat
         async with gw:
             serve = asyncio.create_task(gw.serve(stop))
             await asyncio.sleep(0.2)
-            name = gw.vault._fh.name
-            gw.vault._fh.close()
-            _FullDisk.full = True
-            gw.vault._fh = _FullDisk(name, "ab")
+            _fill_vault_disk(gw)
             try:
                 first = make_fleet(10, seed=12)
                 fleet = Fleet(first, port=broker.port, seed=12, rate_scale=6, drop_every_s=None)
