@@ -1,7 +1,8 @@
 """Faults on the way out, against real Mosquitto brokers: a destination's uplink goes away (its data
 waits in the encrypted spool, or is dropped with a reason when it may not rest at the edge), a
 destination stops acknowledging (backpressure reaches ingest, memory stays bounded), and the disk
-fills (intake stops, an alert is raised, and it resumes by itself). Nothing is lost in any of them.
+fills (intake stops, an alert is raised, and it resumes by itself; also when the ingest connection
+drops meanwhile). Nothing is lost in any of them.
 """
 
 from __future__ import annotations
@@ -218,7 +219,13 @@ def _decided(state_dir: Path) -> list[tuple[str, int]]:
 
 
 @pytest.mark.broker
-async def test_disk_full_stops_intake_alerts_and_resumes(broker: MosquittoBroker, tmp_path: Path) -> None:
+@pytest.mark.parametrize("drop", [False, True], ids=["disk-full", "ingest-drops-while-paused"])
+async def test_disk_full_stops_intake_alerts_and_resumes(broker: MosquittoBroker, tmp_path: Path, drop: bool) -> None:
+    """With ``drop`` the ingest connection also drops while intake is paused. The subscription is
+    answered only by reading, and a paused gateway does not read: the reconnect used to wait for a
+    SUBACK it could not see, time out after 10 s, and connect again over the live connection for as
+    long as the disk stayed full (then the ingest stayed down). A resumed session keeps its
+    subscriptions: the gateway reconnects at once and stays paused."""
     policy = load_policy(POLICY_DIR)
     cfg = GatewayConfig(state_dir=tmp_path / "gw", port=broker.port, rate_headroom=None)
     gw = Gateway(cfg, policy)
@@ -233,9 +240,14 @@ async def test_disk_full_stops_intake_alerts_and_resumes(broker: MosquittoBroker
         _fill_vault_disk(gw)
         await _until(lambda: gw.status()["disk_full"], 10, "disk full noticed")
         assert "disk_full" in gw.status()["paused"]
+        if drop:
+            gw.ingest.abort()
+            await _until(lambda: gw.stats.reconnects == 1 and gw.ingest.connected, 10, "reconnected")
         received = gw.stats.received
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(12.0 if drop else 1.0)  # with a drop: longer than the SUBACK wait
         assert gw.stats.received <= received + 1_000  # intake stopped (one read in hand at most)
+        assert "disk_full" in gw.status()["paused"]
+        assert gw.stats.reconnects == int(drop) and gw.stats.connect_failures == 0
         _FullDisk.full = False  # space returns
         truth = await run
         await _until(lambda: not gw.status()["disk_full"], 10, "resumed")
@@ -245,8 +257,9 @@ async def test_disk_full_stops_intake_alerts_and_resumes(broker: MosquittoBroker
         await serve
     await rx.stop()
     records = list(iter_records(cfg.state_dir / "audit"))
+    # each message decided exactly once (with a drop, what was in hand came again and was recognised)
     decided = _decided(cfg.state_dir)
-    assert len(decided) == len(set(decided)) == truth.sent  # each message decided exactly once
+    assert len(decided) == len(set(decided)) == truth.sent
     kinds = [r.get("kind") for r in records if r.get("event") == "alert"]
     assert "disk_full" in kinds and "disk_ok" in kinds
     # one alert for the episode, not one per failed retry (the disk stayed full for seconds)
@@ -254,3 +267,46 @@ async def test_disk_full_stops_intake_alerts_and_resumes(broker: MosquittoBroker
     ok = next(r for r in records if r.get("event") == "alert" and r.get("kind") == "disk_ok")
     assert ok.get("retries", 0) >= 1, ok
     assert verify_chain(cfg.state_dir / "audit").ok
+
+
+@pytest.mark.broker
+async def test_broker_restart_without_its_sessions_while_disk_full(tmp_path: Path) -> None:
+    """A reconnect while the disk is full, the other way back: the broker comes back without the
+    gateway's session (its persistence lost), so nothing is subscribed. The gateway subscribes anew, stays paused until the disk has
+    room, and then takes what devices send (checked with a fleet started after the disk returned)."""
+    broker = start_broker(tmp_path / "broker", persistence=False)
+    try:
+        cfg = GatewayConfig(state_dir=tmp_path / "gw", port=broker.port, rate_headroom=None)
+        gw = Gateway(cfg, load_policy(POLICY_DIR))
+        stop = asyncio.Event()
+        async with gw:
+            serve = asyncio.create_task(gw.serve(stop))
+            await asyncio.sleep(0.2)
+            _fill_vault_disk(gw)
+            try:
+                first = make_fleet(10, seed=12)
+                fleet = Fleet(first, port=broker.port, seed=12, rate_scale=6, drop_every_s=None)
+                await fleet.run(1.0)
+                await _until(lambda: gw.status()["disk_full"], 10, "disk full noticed")
+                broker.kill()
+                broker.start()  # same port, no sessions
+                await _until(lambda: gw.stats.reconnects == 1 and gw.ingest.connected, 10, "reconnected")
+                failed = gw.stats.connect_failures  # attempts while the broker was down
+                await asyncio.sleep(11.0)  # longer than the SUBACK wait
+                assert "disk_full" in gw.status()["paused"]
+                assert gw.stats.connect_failures == failed, "connected once the broker was back"
+            finally:
+                _FullDisk.full = False  # space returns
+            await _until(lambda: not gw.status()["disk_full"], 15, "resumed")
+            before = gw.stats.decided
+            taken = {d.device_id for d in first}
+            second = [d for d in make_fleet(30, seed=13) if d.device_id not in taken]  # its own sequences
+            truth = await Fleet(second, port=broker.port, seed=13, rate_scale=6, drop_every_s=None).run(2.0)
+            await _until(lambda: gw.stats.decided - before >= truth.sent, 20, "the new fleet's messages decided")
+            assert gw.stats.decided - before == truth.sent
+            assert await gw.drain(20), gw.status()
+            stop.set()
+            await serve
+        assert verify_chain(cfg.state_dir / "audit").ok
+    finally:
+        broker.stop()
