@@ -8,7 +8,9 @@ longer than ``uplink_down_after_s``, and (``--disk-fill``, root only) the gatewa
 tmpfs mounted here (--tmpfs-mb, 256 MiB by default) -- is filled with a ballast file until ENOSPC, held, then freed.
 With ``--overlap`` a fifth kind overlaps two faults: the ingest broker restarts and the gateway is
 kill -9'd a few seconds later, while what it decided before the restart may still wait in a re-timing
-batch (the broker's redeliveries of those messages are duplicates to the gateway).
+batch (the broker's redeliveries of those messages are duplicates to the gateway). With
+``--overlap --disk-fill`` a sixth: the disk fills, and while the gateway is paused for it the ingest
+broker restarts; the disk stays full for longer than the gateway's SUBACK wait (10 s).
 
 Nothing is taken from the gateway's own counters (they die with kill -9): decisions come from the
 audit log (records with "routes"), drops from its ``undelivered`` records, deliveries from a
@@ -109,7 +111,8 @@ class ChaosConfig:
     down_after_s: float = 1.0
     settle_timeout_s: float = 60.0
     keep_state: bool = False  # copy the state dir out of the tmpfs before it is unmounted
-    overlap: bool = False  # also "ingest_then_kill": an ingest restart, then kill -9 within one batch
+    overlap: bool = False  # also "ingest_then_kill": an ingest restart, then kill -9 within one batch,
+    # and with disk_fill "disk_then_ingest": an ingest restart while the gateway is paused for a full disk
     progress: Callable[[str], None] | None = None
     progress_every_s: float = 5.0
 
@@ -205,10 +208,17 @@ async def _fault(r: _Run, kind: str, rng: random.Random) -> None:
         await asyncio.to_thread(r.dest.start)
         assert r.rx is not None
         await r.rx.start()  # its persistent session resumes
-    elif kind == "disk_fill":
+    elif kind in ("disk_fill", "disk_then_ingest"):
         assert r.ballast is not None
         await asyncio.to_thread(_fill, r.ballast)
-        await asyncio.sleep(rng.uniform(2.0, 4.0))
+        if kind == "disk_fill":
+            await asyncio.sleep(rng.uniform(2.0, 4.0))
+        else:  # paused for the disk when the ingest comes back: it must reconnect and stay paused
+            await asyncio.sleep(rng.uniform(1.0, 2.0))
+            r.ingest.stop()
+            await asyncio.sleep(rng.uniform(0.5, 1.5))
+            await asyncio.to_thread(r.ingest.start)
+            await asyncio.sleep(rng.uniform(11.0, 13.0))
         with contextlib.suppress(OSError):
             r.ballast.unlink()
     r.faults[kind] += 1
@@ -220,6 +230,7 @@ async def _chaos(r: _Run, stop: asyncio.Event) -> None:
     cfg = r.cfg
     rng = random.Random(cfg.seed * 7919 + 1)
     kinds = list(KINDS) + (["disk_fill"] if r.ballast is not None else []) + (["ingest_then_kill"] if cfg.overlap else [])
+    kinds += ["disk_then_ingest"] if r.ballast is not None and cfg.overlap else []
     first = kinds[:]
     rng.shuffle(first)
     if cfg.once:
@@ -513,7 +524,8 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print the summary as JSON (progress goes to stderr)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--overlap", action="store_true",
-                    help="add the overlapping fault: ingest restart, then kill -9 within one re-timing batch")
+                    help="add the overlapping faults: ingest restart, then kill -9 within one re-timing batch; "
+                         "with --disk-fill also an ingest restart while the disk is full")
     a = ap.parse_args()
     if a.disk_fill and os.geteuid() != 0:
         print("disk-fill skipped: not root (mount needs it)", file=sys.stderr)
