@@ -524,8 +524,8 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print the summary as JSON (progress goes to stderr)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--overlap", action="store_true",
-                    help="add the overlapping faults: ingest restart, then kill -9 within one re-timing batch; "
-                         "with --disk-fill also an ingest restart while the disk is full")
+                    help="add the overlapping faults: ingest restart, then kill -9 within one re-timing "
+                         "batch; with --disk-fill also an ingest restart while the disk is full")
     a = ap.parse_args()
     if a.disk_fill and os.geteuid() != 0:
         print("disk-fill skipped: not root (mount needs it)", file=sys.stderr)

@@ -253,7 +253,8 @@ async def _sim_run(root: Path, fleet: Any, args: argparse.Namespace, measure: bo
     site = _open_site(str(root))
     # With workers (edgeward run --workers N) each worker seals under its own keyring, one KEK.
     parts = [root] + ([d for _, d in worker_dirs(root)] if read_workers_file(root) is not None else [])
-    ring = ReloadingKeyring([site.keyring_path] + [d / "keys" / "datakeys.jsonl" for d in parts[1:]], site.kek)
+    ring = ReloadingKeyring([site.keyring_path] + [d / "keys" / "datakeys.jsonl" for d in parts[1:]],
+                            site.kek)
     openers = {}
     for item in args.open or []:
         dest, _, path = item.partition("=")
@@ -284,7 +285,8 @@ async def _sim_run(root: Path, fleet: Any, args: argparse.Namespace, measure: bo
         print(f"note: {', '.join(closed)} receive(s) data sealed to their own key; without --open DEST=KEY "
               f"those envelopes cannot be searched and are counted undecryptable ({rx.undecryptable})",
               file=sys.stderr)
-    techniques = techniques_report(truth, rx.messages, ring, parts, save_dir=Path(args.save) if args.save else None,
+    techniques = techniques_report(truth, rx.messages, ring, parts,
+                                   save_dir=Path(args.save) if args.save else None,
                                    meta={"scenario": args.scenario, "seconds": args.seconds, "site": str(root)})
     return truth, techniques, rx.undecryptable
 

@@ -196,6 +196,9 @@ class GatewayConfig:
     # decide and deliver what it still holds. Used when a site changes its number of workers.
     drain_only: bool = False
     uplink_down_after_s: float = 5.0  # a connection away this long: the destination is down
+    # A SUBSCRIBE unanswered this long while nothing at all comes from the broker: the connection is
+    # given up and made again (a resumed session's backlog arrives first; each byte of it resets this)
+    subscribe_timeout_s: float = 10.0
     spool_drain_rate: float = 2_000.0  # envelopes/s per destination when a spool drains
 
 
@@ -515,9 +518,9 @@ class Gateway:
         if self.config.share_group:
             topic = f"$share/{self.config.share_group}/{topic}"
         if self.config.drain_only:  # take what the session holds, nothing new
-            await self.ingest.unsubscribe(topic, SYS_DROPPED)
+            await self.ingest.unsubscribe(topic, SYS_DROPPED, timeout=self.config.subscribe_timeout_s)
         elif not (resumed and self._pause_reasons):
-            await self.ingest.subscribe((topic, 1), (SYS_DROPPED, 0))
+            await self.ingest.subscribe((topic, 1), (SYS_DROPPED, 0), timeout=self.config.subscribe_timeout_s)
         # else: paused (disk full, memory) on a resumed session, which kept its subscriptions. A paused
         # transport could not read the SUBACK (the wait timed out, and the serve loop connected again
         # and again while the disk stayed full); the broker queues for the session meanwhile.
@@ -1314,9 +1317,9 @@ class Gateway:
                 if tokens is not None:
                     p.tokens = tokens
                     return p if tokens < 0.0 else None
-        elif shared is not None and (tokens := shared(out.device, now, p.rate, p.cap, charge=1.0)) is not None:
-            p.tokens, p.t = tokens, now
-            return p if p.held or tokens < 0.0 else None
+        elif shared is not None and (got := shared(out.device, now, p.rate, p.cap, charge=1.0)) is not None:
+            p.tokens, p.t = got, now  # (None: the shared table is full; the local bucket decides)
+            return p if p.held or got < 0.0 else None
         else:
             # Refilled up to the slack; a catch-up credit above it is kept until spent, never clamped.
             p.tokens = max(p.tokens, min(p.cap, p.tokens + (now - p.t) * p.rate))
@@ -1407,7 +1410,9 @@ class Gateway:
                     settled.extend(self._withdraw_held(device, why))
                     continue
             tokens = shared(device, now, p.rate, p.cap) if shared is not None else None
-            p.tokens = max(p.tokens, min(p.cap, p.tokens + (now - p.t) * p.rate)) if tokens is None else tokens
+            if tokens is None:
+                tokens = max(p.tokens, min(p.cap, p.tokens + (now - p.t) * p.rate))
+            p.tokens = tokens
             p.t = now
             paid = everything or p.tokens >= 0.0
             while p.held and (paid or now - p.held[0][0] >= hold_s):

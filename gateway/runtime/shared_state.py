@@ -397,7 +397,8 @@ class SharedDeviceState:
         lockf(fd, LOCK_EX, 1, seg)
         try:
             _F64.pack_into(buf, off + _OFF_WITHDRAWN, now)
-            buf[off + _OFF_WITHDRAWN_WHY] = WITHDRAW_REASONS.index(reason) if reason in WITHDRAW_REASONS else 0
+            why = WITHDRAW_REASONS.index(reason) if reason in WITHDRAW_REASONS else 0
+            buf[off + _OFF_WITHDRAWN_WHY] = why
         finally:
             lockf(fd, LOCK_UN, 1, seg)
 
