@@ -103,6 +103,31 @@ def _since_last_audit_write(directory: Path, now: float) -> float:
     return max(0.0, now - newest) if newest is not None else 0.0
 
 
+def _disk_full_unresolved(directory: Path, tail_bytes: int = 1 << 20) -> bool:
+    """Whether the audit log's last disk alert is ``disk_full``: the previous life ended inside a
+    disk-full episode (killed, or stopped while the disk was full) and never wrote its ``disk_ok``.
+    While the disk is full next to nothing is written, so that alert is near the end of the last file."""
+    files = sorted(directory.glob("audit-*.jsonl"))
+    if not files:
+        return False
+    try:
+        with open(files[-1], "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+            lines = f.read().splitlines()
+    except OSError:
+        return False
+    for line in reversed(lines):
+        if b'"disk_' not in line:
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:  # the first line of the tail may be cut
+            continue
+        if type(rec) is dict and rec.get("event") == "alert" and rec.get("kind") in ("disk_full", "disk_ok"):
+            return bool(rec["kind"] == "disk_full")
+    return False
+
+
 _RNG = random.SystemRandom()  # batch boundaries and interleavings: nothing a device sees predicts them
 # Holding excess volume: a device's normal-rate allowance holds this share of its baseline's burst
 # (at least PROBATION_MIN_BURST messages), refilled at PROBATION_REFILL x the type's nominal rate
@@ -331,6 +356,10 @@ class Gateway:
         )
         downtime = _since_last_audit_write(state / "audit", clock())  # before opening cuts a torn tail
         self.audit = AuditLog(state / "audit")
+        # The previous life's disk-full episode was never closed: this life's first write closes it
+        # (an operator's disk_full alert would otherwise never clear).
+        self._disk_ok_owed = _disk_full_unresolved(state / "audit")
+        self._audit_count0 = self.audit.count
         self.checkpointer: Checkpointer | None = None
         self._record: Callable[[dict[str, Any]], str] = self.audit.append
         if config.audit_signing_key is not None:
@@ -1157,6 +1186,9 @@ class Gateway:
         except StorageFull as exc:
             self._enter_disk_full(str(exc))
             return False
+        if self._disk_ok_owed and self.audit.count > self._audit_count0:  # this life has written
+            self._disk_ok_owed = False
+            self.alert("disk_ok", {"after_restart": True})
         return True
 
     def _pause(self, reason: str) -> None:
@@ -1186,6 +1218,7 @@ class Gateway:
         if self._disk_full is not None:
             return
         self._disk_full = why
+        self._disk_ok_owed = False  # still full: this episode's disk_ok closes the previous life's too
         now = time.monotonic()
         episode = self._disk_full_episode
         if episode is None:
