@@ -394,8 +394,7 @@ class Gateway:
                                  seq_ids=self.keyring.seq_ids)
         # Workers (SharedDeviceState) hold against one allowance per device for all of them; a single
         # gateway keeps it in _Probation.tokens.
-        self._shared_hold = getattr(rate, "hold_allowance", None)
-        self._shared_state = rate if self._shared_hold is not None else None
+        self._shared_state = rate if hasattr(rate, "hold_allowance") else None
         # Only re-timed uplinks stamp their headers; with re-timing off the hot path skips the call.
         self.pipeline.header_ts = self._header_ts if config.retime else None
         # A restart after downtime: the broker holds the fleet's backlog for this session and delivers
@@ -1337,7 +1336,7 @@ class Gateway:
         if not lim[0]:
             return None  # no baseline for this type: nothing to compare with
         p = self._probation.get(out.device)
-        shared = self._shared_hold
+        state = self._shared_state
         if p is None:
             start = min(PROBATION_START, lim[1])
             if now - self._hold_grace_from < CATCH_UP_WINDOW_S:  # first seen while an outage's backlog drains
@@ -1345,12 +1344,13 @@ class Gateway:
             p = self._probation[out.device] = _Probation(start, now, lim[0], lim[1])
             if len(self._probation) > PROBATION_MAX_DEVICES:
                 self._forget_quiet_probation(now)
-            if shared is not None:  # the other workers may know the device: theirs is the allowance
-                tokens = shared(out.device, now, p.rate, p.cap, charge=1.0, start=start)
+            if state is not None:  # the other workers may know the device: theirs is the allowance
+                tokens = state.hold_allowance(out.device, now, p.rate, p.cap, charge=1.0, start=start)
                 if tokens is not None:
                     p.tokens = tokens
                     return p if tokens < 0.0 else None
-        elif shared is not None and (got := shared(out.device, now, p.rate, p.cap, charge=1.0)) is not None:
+        elif state is not None and (got := state.hold_allowance(out.device, now, p.rate, p.cap,
+                                                                 charge=1.0)) is not None:
             p.tokens, p.t = got, now  # (None: the shared table is full; the local bucket decides)
             return p if p.held or got < 0.0 else None
         else:
@@ -1373,13 +1373,13 @@ class Gateway:
         what it owes was sent before, not backlog."""
         grace = min(MAX_CATCH_UP_S, max(0.0, seconds))
         self._hold_grace_from, self._hold_grace_s = now, grace
-        shared = self._shared_hold
+        state = self._shared_state
         for device, p in self._probation.items():
             if p.held:
                 continue
-            if shared is not None:  # each worker notices the outage; the allowance is credited once
-                tokens = shared(device, now, p.rate, p.cap, credit=PROBATION_CATCH_UP * p.rate * grace,
-                                unless_since=now - grace)
+            if state is not None:  # each worker notices the outage; the allowance is credited once
+                credit, since = PROBATION_CATCH_UP * p.rate * grace, now - grace
+                tokens = state.hold_allowance(device, now, p.rate, p.cap, credit=credit, unless_since=since)
                 if tokens is not None:
                     p.tokens, p.t = tokens, now
                     continue
@@ -1435,14 +1435,14 @@ class Gateway:
         an honest 10-minute fleet, BENCHMARKS.md §8). A device that keeps bursting never pays."""
         settled: list[tuple[Any, ...]] = []
         hold_s = self.config.burst_hold_s
-        shared, state = self._shared_hold, self._shared_state
+        state = self._shared_state
         for device, p in list(self._holding.items()):
             if state is not None:  # also at close: a tripped device's burst never leaves
                 when, why = state.hold_withdrawn(device)
                 if p.held and when >= p.held[0][0]:  # another worker saw it trip while this one held
                     settled.extend(self._withdraw_held(device, why))
                     continue
-            tokens = shared(device, now, p.rate, p.cap) if shared is not None else None
+            tokens = state.hold_allowance(device, now, p.rate, p.cap) if state is not None else None
             if tokens is None:
                 tokens = max(p.tokens, min(p.cap, p.tokens + (now - p.t) * p.rate))
             p.tokens = tokens
