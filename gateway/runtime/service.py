@@ -547,11 +547,15 @@ class Gateway:
             topic = f"$share/{self.config.share_group}/{topic}"
         if self.config.drain_only:  # take what the session holds, nothing new
             await self.ingest.unsubscribe(topic, SYS_DROPPED, timeout=self.config.subscribe_timeout_s)
-        elif not (resumed and self._pause_reasons):
+        elif not (resumed and self._pause_reasons and not self.config.share_group):
             await self.ingest.subscribe((topic, 1), (SYS_DROPPED, 0), timeout=self.config.subscribe_timeout_s)
         # else: paused (disk full, memory) on a resumed session, which kept its subscriptions. A paused
         # transport could not read the SUBACK (the wait timed out, and the serve loop connected again
         # and again while the disk stayed full); the broker queues for the session meanwhile.
+        # Not a worker's: Mosquitto 2.0 restores a shared subscription from its persistence file dead,
+        # delivering nothing until it is subscribed again (tests/integration/test_workers.py), and a
+        # resumed session cannot tell a dropped connection from a restarted broker. So a worker always
+        # subscribes, reading, and pauses after.
         if self._pause_reasons and self.ingest.transport is not None:  # still full: stay paused
             self.ingest.transport.pause_reading()
 

@@ -272,15 +272,23 @@ async def test_disk_full_stops_intake_alerts_and_resumes(broker: MosquittoBroker
 
 
 @pytest.mark.broker
-async def test_broker_restart_without_its_sessions_while_disk_full(tmp_path: Path) -> None:
-    """A reconnect while the disk is full, the other way back: the broker comes back without the
-    gateway's session (its persistence lost), so nothing is subscribed. The gateway subscribes anew,
-    stays paused until the disk has room, and then takes what devices send (checked with a fleet
-    started after the disk returned)."""
-    broker = start_broker(tmp_path / "broker", persistence=False)
+@pytest.mark.parametrize("sessions", ["lost", "shared-subscription"])
+async def test_broker_restart_while_disk_full(tmp_path: Path, sessions: str) -> None:
+    """A reconnect while the disk is full, the other ways back.
+
+    - ``lost``: the broker comes back without the gateway's session (its persistence lost), so
+      nothing is subscribed.
+    - ``shared-subscription``: a worker (``edgeward run --workers``) whose session the broker
+      restores. Its shared subscription receives nothing until subscribed again
+      (test_workers.py pins that), so the resumed session must not be taken as subscribed.
+
+    Either way the gateway subscribes anew, stays paused until the disk has room, and then takes
+    what devices send (checked with a fleet started after the disk returned)."""
+    shared = sessions == "shared-subscription"
+    broker = start_broker(tmp_path / "broker", persistence=shared)
     try:
         cfg = GatewayConfig(state_dir=tmp_path / "gw", port=broker.port, rate_headroom=None,
-                            subscribe_timeout_s=2.0)
+                            subscribe_timeout_s=2.0, share_group="edgeward" if shared else None)
         gw = Gateway(cfg, load_policy(POLICY_DIR))
         stop = asyncio.Event()
         async with gw:
@@ -292,8 +300,11 @@ async def test_broker_restart_without_its_sessions_while_disk_full(tmp_path: Pat
                 fleet = Fleet(first, port=broker.port, seed=12, rate_scale=6, drop_every_s=None)
                 await fleet.run(1.0)
                 await _until(lambda: gw.status()["disk_full"], 10, "disk full noticed")
-                broker.kill()
-                broker.start()  # same port, no sessions
+                if shared:
+                    broker.stop()  # written to its persistence file: the session comes back
+                else:
+                    broker.kill()
+                broker.start()  # same port
                 await _until(lambda: gw.stats.reconnects == 1 and gw.ingest.connected, 10, "reconnected")
                 failed = gw.stats.connect_failures  # attempts while the broker was down
                 await asyncio.sleep(3.0)  # longer than the SUBACK wait
