@@ -47,11 +47,15 @@ __all__ = [
     "check_key_file",
     "GATEWAY_CN",
     "BROKER_CN",
+    "PROBE_CN",
 ]
 
-CertKind = Literal["device", "gateway", "server"]
+CertKind = Literal["device", "gateway", "server", "probe"]
 GATEWAY_CN = "edgeward-gateway"
 BROKER_CN = "edgeward-broker"
+# The runtime's own client on the device listener: it connects to learn that the broker lets devices
+# in again (site_runner.open_device_listener). Its client id is its own, so it takes over no device.
+PROBE_CN = "edgeward-listener-probe"
 _ONE_DAY = _dt.timedelta(days=1)
 # Certificates are back-dated a little so a device whose clock runs slightly behind still accepts them.
 _BACKDATE = _dt.timedelta(minutes=5)
@@ -210,13 +214,13 @@ class SiteCA:
     ) -> IssuedCert:
         """Issue a certificate and a fresh P-256 key for ``cn``; write ``<cn>.crt`` (0644) and ``<cn>.key``
         (0600) into ``out_dir`` (default: ``<site>/certs``). ``kind`` sets the extended key usage:
-        ``device``/``gateway`` are TLS clients, ``server`` is the broker (SAN 127.0.0.1, localhost).
+        ``device``/``gateway``/``probe`` are TLS clients, ``server`` is the broker (SAN 127.0.0.1, localhost).
 
         ``save_index=False`` defers writing index.json (call ``save()`` after a batch)."""
         _safe_name(cn)
-        if kind not in ("device", "gateway", "server"):
+        if kind not in ("device", "gateway", "server", "probe"):
             raise ConfigError(f"unknown certificate kind {kind!r}")
-        if kind == "device" and cn in (GATEWAY_CN, BROKER_CN):
+        if kind == "device" and cn in (GATEWAY_CN, BROKER_CN, PROBE_CN):
             # The broker's ACL grants the gateway's name everything: no device may ever carry it.
             raise ConfigError(f"{cn!r} is reserved and cannot be a device id")
         out = Path(out_dir) if out_dir is not None else self.directory.parent / "certs"
@@ -334,11 +338,15 @@ class SiteCA:
         """CNs with a certificate on hold (isolated devices)."""
         return {str(r["cn"]) for r in self._index.values() if r.get("held_at") and r["revoked_at"] is None}
 
-    def write_crl(self, path: Path | None = None, *, days: int = 30) -> Path:
+    def write_crl(self, path: Path | None = None, *, days: int = 30, hold_devices: bool = False) -> Path:
         """Write the CRL (PEM) listing every revoked serial; default path ``<ca>/crl.pem``.
 
         Mosquitto reads the CRL when it starts: restart the broker after revoking. The CRL's
-        ``next_update`` is ``days`` ahead; re-run this (``edgeward devices revoke`` does) before then."""
+        ``next_update`` is ``days`` ahead; re-run this (``edgeward devices revoke`` does) before then.
+        ``hold_devices`` puts every device certificate (and the runtime's probe) on hold as well,
+        without recording it in the index: the broker then refuses every device until the CRL is
+        written again without it (a site's start, until its ingest has subscribed:
+        ``site_runner.open_device_listener``)."""
         now = _now()
         b = (
             x509.CertificateRevocationListBuilder()
@@ -355,11 +363,12 @@ class SiteCA:
                     .revocation_date(_dt.datetime.fromisoformat(str(r["revoked_at"])))
                     .build()
                 )
-            elif r.get("held_at"):
+            elif r.get("held_at") or (hold_devices and r["kind"] in ("device", "probe")):
+                held_at = r.get("held_at")
                 b = b.add_revoked_certificate(
                     x509.RevokedCertificateBuilder()
                     .serial_number(int(s))
-                    .revocation_date(_dt.datetime.fromisoformat(str(r["held_at"])))
+                    .revocation_date(_dt.datetime.fromisoformat(str(held_at)) if held_at else now - _BACKDATE)
                     .add_extension(x509.CRLReason(x509.ReasonFlags.certificate_hold), critical=False)
                     .build()
                 )

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import signal
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.crypto.keys import write_secret_file
-from gateway.crypto.pki import GATEWAY_CN
+from gateway.crypto.pki import GATEWAY_CN, PROBE_CN, client_ssl_context
+from gateway.errors import BrokerError
 from gateway.crypto.recipient import load_public_key
 from gateway.runtime.broker import MosquittoBroker
 from gateway.runtime.isolation import isolate, write_runtime_info
@@ -30,7 +34,8 @@ from gateway.site import Site, mosquitto_password_line
 if TYPE_CHECKING:
     from gateway.policy import Policy
 
-__all__ = ["OPERATOR_USER", "SiteRuntime", "operator_secret_path", "recipient_keys", "render_site_acl", "start_site_broker"]
+__all__ = ["OPERATOR_USER", "SiteRuntime", "open_device_listener", "operator_secret_path", "recipient_keys",
+           "render_site_acl", "start_site_broker"]
 
 OPERATOR_USER = "edgeward-operator"
 # What a site runs with beyond GatewayConfig's library defaults (which tests and benchmarks use).
@@ -64,8 +69,16 @@ def operator_secret_path(site: Site) -> Path:
 
 def start_broker_process(site: Site, policy: Any, operator_password: bytes) -> MosquittoBroker:
     """The site's Mosquitto: rendered ACL (policy + runtime needs), the operator's in-memory password,
-    started; ``broker/runtime.json`` names it for ``edgeward status`` and ``devices isolate``."""
+    started; ``broker/runtime.json`` names it for ``edgeward status`` and ``devices isolate``.
+
+    It starts refusing every device: their certificates are on hold in the CRL it reads. A message
+    that reaches the broker before the ingest has subscribed has nowhere to go, and the broker
+    acknowledges it to the device all the same. That is the case at a site's first start, and at
+    every start of ``--workers``: Mosquitto 2.0 restores a shared subscription dead
+    (tests/integration/test_workers.py). The runtime calls ``open_device_listener`` once its ingest
+    has subscribed; a device refused meanwhile connects again, as after any outage."""
     site.broker_dir.mkdir(parents=True, exist_ok=True)
+    site.ca().write_crl(hold_devices=True)
     acl = site.broker_dir / "acl"
     acl.write_text(render_site_acl(policy))
     config = site.broker_config(acl_file=acl)
@@ -80,6 +93,34 @@ def start_broker_process(site: Site, policy: Any, operator_password: bytes) -> M
     assert broker.proc is not None and broker.config.tls is not None
     write_runtime_info(site.root, pid=broker.proc.pid, gateway_port=broker.port, device_port=broker.config.tls.port)
     return broker
+
+
+async def open_device_listener(site: Site, broker: MosquittoBroker, timeout: float = 15.0) -> None:
+    """Let devices in: the CRL again holds only the isolated devices, the broker re-reads it (SIGHUP),
+    and this returns once the broker has: its own probe certificate, held with the devices, connects.
+    A device that connects after this returns is not refused."""
+    ca = site.ca()
+    probe = site.root / "certs" / f"{PROBE_CN}.crt"
+    if not probe.exists():  # a site initialised before the probe existed
+        ca.issue(PROBE_CN, kind="probe")
+    ca.write_crl()
+    assert broker.proc is not None and broker.config.tls is not None
+    os.kill(broker.proc.pid, signal.SIGHUP)
+    ctx = client_ssl_context(site.ca_cert, probe, site.root / "certs" / f"{PROBE_CN}.key")
+    deadline = time.monotonic() + timeout
+    while True:
+        c = MqttClient(host="127.0.0.1", port=broker.config.tls.port, client_id=PROBE_CN, clean_start=True,
+                       session_expiry=0, keepalive=0, ssl=ctx)
+        try:
+            await c.connect(timeout=2.0)
+        except BrokerError as exc:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"the broker still refuses devices {timeout:g} s after SIGHUP: "
+                                  f"{exc}") from exc
+            await asyncio.sleep(0.02)
+            continue
+        await c.disconnect()
+        return
 
 
 async def start_site_broker(
@@ -183,7 +224,8 @@ class SiteRuntime:
         self.gateway.on_isolate = _isolate
         self.gateway.pipeline.blocked = frozenset(site.ca().held())
         self._held_watch = asyncio.create_task(self._watch_held(), name="site-held-watch")
-        await self.gateway.__aenter__()
+        await self.gateway.__aenter__()  # connected and subscribed
+        await open_device_listener(site, self.broker)
         self.log(
             f"site {site.name}: broker devices mTLS 127.0.0.1:{self.device_port}, gateway 127.0.0.1:{self.broker.port}; "
             f"policy {self.policy.revision}"

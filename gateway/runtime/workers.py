@@ -287,7 +287,10 @@ class SiteWorkers:
                                            rate=RateBaseline(headroom=headroom) if headroom else None)
             for i in range(self.workers):
                 self._spawn(i)
-            await self._wait_ready(set(range(self.workers)), timeout=60.0)
+            await self._wait_ready(set(range(self.workers)), timeout=60.0)  # each has subscribed
+            from gateway.runtime.site_runner import open_device_listener
+
+            await open_device_listener(self.site, self.broker)
         except BaseException:
             await self._shutdown()
             raise

@@ -17,7 +17,7 @@ from gateway.audit.chain import iter_records, verify_chain
 from gateway.policy import load_policy
 from gateway.runtime.mqtt import MqttClient
 from gateway.runtime.retire import retire_stale_sessions, stale_sessions
-from gateway.runtime.site_runner import start_broker_process
+from gateway.runtime.site_runner import open_device_listener, start_broker_process
 from gateway.runtime.workers import SHARE_GROUP, worker_client_id, worker_state_dir
 from gateway.site import init_site, load_site
 
@@ -54,6 +54,9 @@ async def test_workers_sessions_are_retired_nothing_they_held_is_lost(tmp_path: 
             await w.subscribe((f"$share/{SHARE_GROUP}/site/{policy.site}/dev/#", 1))
             await w.disconnect()
         # Devices keep sending while no gateway runs: the broker queues each message to one member.
+        # (A site's runtime lets devices in only once its ingest has subscribed; this is the state an
+        # earlier run with workers left behind.)
+        await open_device_listener(site, broker)
         sent = set()
         for s in specs:
             c = MqttClient(host="127.0.0.1", port=dport, client_id=s.device_id, clean_start=True, session_expiry=0,

@@ -9,6 +9,7 @@ session (docs/scaling.md relies on it)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -237,6 +238,72 @@ async def test_two_workers_share_the_ingest_exactly_once(tmp_path: Path) -> None
     f.write_text("".join(lines[:2] + lines[3:]))
     bad = _edgeward("audit", "verify", str(root))
     assert bad.returncode == 1 and "worker-1: audit chain BROKEN" in bad.stdout
+
+
+async def test_devices_waiting_for_a_starting_site_lose_nothing(tmp_path: Path) -> None:
+    """Devices already trying when ``edgeward run --workers 2`` starts (as after a restart of the site):
+    every message the broker acknowledged to them is decided. The broker starts with every device
+    certificate on hold and lets them in once both workers have subscribed. Before, a device got in
+    as soon as the broker listened, ahead of the workers' (shared) subscriptions, and what it sent
+    then was acknowledged and dropped."""
+    from gateway.runtime.broker import free_port
+
+    policy0 = load_policy(POLICY_DIR)
+    specs = make_fleet(4, site=policy0.site, seed=5)
+    root = init_site(tmp_path / "site", policy_src=POLICY_DIR, devices=[s.device_id for s in specs],
+                     passphrase=PASS, kdf_memory_kib=8192, device_port=free_port(), gateway_port=free_port())
+    site = load_site(root, PASS)
+    acked: set[tuple[str, int]] = set()
+    refused_while_starting = 0
+    stop = asyncio.Event()
+
+    async def device(spec: Any) -> None:
+        nonlocal refused_while_starting
+        factory, seq = PayloadFactory(spec, seed=2), 0
+        while not stop.is_set():
+            pids: dict[int, int] = {}
+            c = MqttClient(host="127.0.0.1", port=site.device_port, client_id=spec.device_id, clean_start=True,
+                           session_expiry=0, ssl=site.device_ssl_context(spec.device_id),
+                           on_ack=lambda pid, pids=pids: acked.add((spec.device_id, pids.pop(pid))))
+            try:
+                await c.connect(timeout=2.0)
+            except Exception:  # noqa: BLE001 - not listening yet, or refused: try again, as a device does
+                if (site.broker_dir / "runtime.json").exists():
+                    refused_while_starting += 1
+                await asyncio.sleep(0.05)
+                continue
+            while c.connected and not stop.is_set():
+                seq += 1
+                payload = dev_encode(factory.make("result", seq, int(time.time() * 1000)))
+                pids[c.publish(spec.topic("result"), payload) or 0] = seq
+                c.flush()
+                await asyncio.sleep(0.02)
+            with contextlib.suppress(Exception):
+                await c.disconnect()
+
+    fleet = [asyncio.create_task(device(s)) for s in specs]
+    await asyncio.sleep(0.3)  # the devices are trying before the site starts
+    sw = SiteWorkers(site, load_policy(site.policy_dir), workers=2, state_capacity=1024, log=lambda s: None,
+                     config_overrides={"rate_headroom": None})
+    async with sw:
+        sup_stop = asyncio.Event()
+        sup = asyncio.create_task(sw.supervise(sup_stop))
+        await asyncio.sleep(1.5)
+        stop.set()
+        await asyncio.gather(*fleet)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not acked <= _decided(root, 2):
+            await asyncio.sleep(0.2)
+        sup_stop.set()
+        await sup
+    assert len(acked) > 20
+    assert acked <= _decided(root, 2), sorted(acked - _decided(root, 2))[:5]
+    assert refused_while_starting > 0  # the devices did try while the site was starting
+
+
+def _decided(root: Path, n: int) -> set[tuple[str, int]]:
+    return {(rec["dev"], rec["seq"]) for i in range(n)
+            for rec in iter_records(worker_state_dir(root, i) / "audit") if "routes" in rec}
 
 
 def test_mosquitto_shared_subscription_keeps_an_offline_members_share(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.crypto.pki import BROKER_CN, GATEWAY_CN, SiteCA, ssl_context_for_device
+from gateway.crypto.pki import BROKER_CN, GATEWAY_CN, PROBE_CN, SiteCA, ssl_context_for_device
 from gateway.errors import ConfigError, KeyFileError
 from gateway.site import init_site, load_site, mosquitto_password_line, render_acl
 
@@ -90,6 +90,28 @@ def test_revocation_lands_in_the_crl(tmp_path: Path) -> None:
         ca.revoke("xr-00002")  # already revoked: nothing left to revoke
     # The revocation survives a reload.
     assert {s for s, _, _, r in SiteCA.load(tmp_path / "ca").issued() if r} == {a.serial, b.serial}
+
+
+def test_a_crl_can_hold_every_device_for_a_while_without_isolating_any(tmp_path: Path) -> None:
+    """A site's broker starts with every device (and the runtime's probe) on hold, until its ingest
+    has subscribed; the broker's and the gateway's certificates stay valid, and no device is recorded
+    as isolated, so the next CRL lets them all in again."""
+    ca = SiteCA.create(tmp_path / "ca", "AMS-T1")
+    dev, probe = ca.issue("xr-00001"), ca.issue(PROBE_CN, kind="probe")
+    server, gw = ca.issue(BROKER_CN, kind="server"), ca.issue(GATEWAY_CN, kind="gateway")
+    crl = x509.load_pem_x509_crl(ca.write_crl(hold_devices=True).read_bytes())
+    assert crl.is_signature_valid(ca.cert.public_key())  # type: ignore[arg-type]
+    for held in (dev, probe):
+        entry = crl.get_revoked_certificate_by_serial_number(held.serial)
+        assert entry is not None
+        reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+        assert reason == x509.ReasonFlags.certificate_hold
+    assert crl.get_revoked_certificate_by_serial_number(server.serial) is None
+    assert crl.get_revoked_certificate_by_serial_number(gw.serial) is None
+    assert SiteCA.load(tmp_path / "ca").held() == set()
+    assert len(list(x509.load_pem_x509_crl(ca.write_crl().read_bytes()))) == 0
+    with pytest.raises(ConfigError, match="reserved"):
+        ca.issue(PROBE_CN)  # no device may carry the probe's name
 
 
 @pytest.mark.parametrize("cn", ["../etc", "", "a b", ".hidden", "x" * 65])
