@@ -19,7 +19,14 @@ and counts wire duplicates).
 
     python benchmarks/chaos.py --minutes 5 --devices 20 --seed 1 [--disk-fill] [--json]
 
-tests/integration/test_chaos.py runs the same harness for 25 s with one fault of each kind.
+With ``--workers N`` the gateway is N workers on one shared subscription, as ``edgeward run --workers N``
+builds them (client id ``edgeward-gateway-w<i>``, a state directory each, one KEK, the per-device dedupe
+state in shared memory). A kill -9 then hits one worker, chosen at random, and restarts it with the same
+client id; the other keeps serving. Decisions and drops are read from every worker's audit chain. The
+ingest broker is not restarted under workers (``INGEST_RESTARTS`` says why).
+
+tests/integration/test_chaos.py runs the same harness for 25 s with one fault of each kind, with one
+gateway and with two workers.
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ import contextlib
 import errno
 import json
 import os
+import pickle
 import random
+import secrets
 import shutil
 import signal
 import subprocess
@@ -52,10 +61,16 @@ from gateway.audit.chain import iter_records, verify_chain
 from gateway.crypto.keys import ReloadingKeyring, load_or_create_kek
 from gateway.runtime.broker import BrokerConfig, MosquittoBroker, free_port
 from gateway.runtime.receiver import DestinationReceiver
+from gateway.runtime.shared_state import SharedDeviceState
 
 POLICY_DIR = REPO / "policies"
 REMOTE = ("customs_nl", "eu_hub", "vendor_maintenance")
 KINDS = ("ingest_restart", "gateway_kill", "dest_outage")
+# Not run with workers: Mosquitto 2.0 restores a shared subscription dead, so what devices publish
+# between a broker restart and a worker's re-SUBSCRIBE is acknowledged and dropped by the broker
+# (tests/integration/test_workers.py pins it). A site never restarts its broker under running workers,
+# and its broker lets devices in only once they have subscribed (site_runner.open_device_listener).
+INGEST_RESTARTS = ("ingest_restart", "ingest_then_kill", "disk_then_ingest")
 
 GATEWAY = """
 import asyncio, json, signal, sys
@@ -67,10 +82,22 @@ async def main():
     a = json.loads(sys.argv[1])
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    extra, view = {}, None
+    if a.get("shared"):  # a worker of N, as gateway/runtime/workers.py builds one
+        import pickle
+        from multiprocessing import resource_tracker
+        from gateway.runtime.workers import SHARE_GROUP, worker_client_id
+        shared = pickle.loads(bytes.fromhex(a["shared"]))  # attaches to the harness's block by name
+        # Python 3.11 registers an attached block with this process's resource tracker, which would
+        # unlink it when this worker is killed; the harness owns it.
+        resource_tracker.unregister(shared._shm._name, "shared_memory")
+        view = shared.for_worker(a["index"])
+        extra = {"client_id": worker_client_id(a["index"]), "share_group": SHARE_GROUP,
+                 "kek": bytes.fromhex(a["kek"])}
     cfg = GatewayConfig(state_dir=Path(a["state"]), port=a["port"], rate_headroom=None,
                         uplinks={d: ("127.0.0.1", a["dest_port"]) for d in a["remote"]},
-                        uplink_down_after_s=a["down_after"])
-    async with Gateway(cfg, load_policy(a["policy"])) as gw:
+                        uplink_down_after_s=a["down_after"], **extra)
+    async with Gateway(cfg, load_policy(a["policy"]), dedupe=view) as gw:
         async def status():
             while True:
                 try:
@@ -113,6 +140,7 @@ class ChaosConfig:
     keep_state: bool = False  # copy the state dir out of the tmpfs before it is unmounted
     overlap: bool = False  # also "ingest_then_kill": an ingest restart, then kill -9 within one batch,
     # and with disk_fill "disk_then_ingest": an ingest restart while the gateway is paused for a full disk
+    workers: int = 1  # > 1: N workers on a shared subscription (edgeward run --workers N)
     progress: Callable[[str], None] | None = None
     progress_every_s: float = 5.0
 
@@ -124,7 +152,7 @@ class _Run:
     state: Path
     ingest: MosquittoBroker
     dest: MosquittoBroker
-    gw: subprocess.Popen[str] | None = None
+    gws: list[subprocess.Popen[str] | None] = field(default_factory=list)  # one per worker (one gateway: 1)
     lives: int = 0
     rx: DestinationReceiver | None = None
     faults: Counter[str] = field(default_factory=Counter)
@@ -132,6 +160,14 @@ class _Run:
     ballast: Path | None = None
     t0: float = 0.0
     disk_fill_note: str = ""
+    shared: Any = None  # the workers' SharedDeviceState (owned here)
+    kek: bytes = b""
+
+    def state_dirs(self) -> list[Path]:
+        """Where each gateway keeps its audit chain, keys and status (one gateway: ``state``)."""
+        if self.cfg.workers <= 1:
+            return [self.state]
+        return [self.state / f"worker-{i}" for i in range(self.cfg.workers)]
 
 
 def _say(cfg: ChaosConfig, msg: str) -> None:
@@ -139,9 +175,11 @@ def _say(cfg: ChaosConfig, msg: str) -> None:
         cfg.progress(msg)
 
 
-def _start_gateway_sync(r: _Run) -> subprocess.Popen[str]:
-    args = {"state": str(r.state), "port": r.ingest.port, "dest_port": r.dest.port, "remote": list(REMOTE),
-            "down_after": r.cfg.down_after_s, "policy": str(POLICY_DIR)}
+def _start_gateway_sync(r: _Run, index: int) -> subprocess.Popen[str]:
+    args = {"state": str(r.state_dirs()[index]), "port": r.ingest.port, "dest_port": r.dest.port,
+            "remote": list(REMOTE), "down_after": r.cfg.down_after_s, "policy": str(POLICY_DIR)}
+    if r.shared is not None:
+        args.update(index=index, shared=pickle.dumps(r.shared).hex(), kek=r.kek.hex())
     with open(r.workdir / f"gateway-{r.lives + 1}.log", "w") as log:
         p = subprocess.Popen([sys.executable, "-c", GATEWAY, json.dumps(args)], cwd=REPO, stdout=subprocess.PIPE,
                              stderr=log, text=True)
@@ -155,15 +193,33 @@ def _start_gateway_sync(r: _Run) -> subprocess.Popen[str]:
     return p
 
 
-async def _start_gateway(r: _Run) -> None:
-    r.gw = await asyncio.to_thread(_start_gateway_sync, r)
+async def _start_gateway(r: _Run, index: int = 0) -> None:
+    p = await asyncio.to_thread(_start_gateway_sync, r, index)
+    while len(r.gws) <= index:
+        r.gws.append(None)
+    r.gws[index] = p
 
 
-def _status(r: _Run) -> dict[str, Any]:
-    try:
-        return json.loads((r.state / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
+async def _kill_gateway(r: _Run, rng: random.Random) -> None:
+    """kill -9 one gateway (a worker chosen at random) and restart it with the same state and client id."""
+    i = rng.randrange(len(r.gws)) if len(r.gws) > 1 else 0  # one gateway: the same schedule as before
+    p = r.gws[i]
+    assert p is not None
+    os.kill(p.pid, signal.SIGKILL)
+    await asyncio.to_thread(p.wait)
+    await asyncio.sleep(rng.uniform(0.3, 1.0))
+    await _start_gateway(r, i)
+
+
+def _statuses(r: _Run) -> list[dict[str, Any]]:
+    """Each gateway's status.json ({} where there is none yet, or it is being replaced)."""
+    out = []
+    for d in r.state_dirs():
+        try:
+            out.append(json.loads((d / "status.json").read_text()))
+        except (OSError, ValueError):
+            out.append({})
+    return out
 
 
 def _fill(path: Path) -> None:
@@ -187,21 +243,13 @@ async def _fault(r: _Run, kind: str, rng: random.Random) -> None:
         await asyncio.sleep(rng.uniform(0.5, 1.5))
         await asyncio.to_thread(r.ingest.start)
     elif kind == "gateway_kill":
-        assert r.gw is not None
-        os.kill(r.gw.pid, signal.SIGKILL)
-        await asyncio.to_thread(r.gw.wait)
-        await asyncio.sleep(rng.uniform(0.3, 1.0))
-        await _start_gateway(r)
+        await _kill_gateway(r, rng)
     elif kind == "ingest_then_kill":
-        assert r.gw is not None
         r.ingest.stop()
         await asyncio.sleep(rng.uniform(0.5, 1.5))
         await asyncio.to_thread(r.ingest.start)
         await asyncio.sleep(rng.uniform(1.0, 4.0))  # the gateway is back, its batches not all released
-        os.kill(r.gw.pid, signal.SIGKILL)
-        await asyncio.to_thread(r.gw.wait)
-        await asyncio.sleep(rng.uniform(0.3, 1.0))
-        await _start_gateway(r)
+        await _kill_gateway(r, rng)
     elif kind == "dest_outage":
         r.dest.stop()
         await asyncio.sleep(rng.uniform(r.cfg.down_after_s + 1.5, r.cfg.down_after_s + 3.0))
@@ -231,6 +279,8 @@ async def _chaos(r: _Run, stop: asyncio.Event) -> None:
     rng = random.Random(cfg.seed * 7919 + 1)
     kinds = list(KINDS) + (["disk_fill"] if r.ballast is not None else []) + (["ingest_then_kill"] if cfg.overlap else [])
     kinds += ["disk_then_ingest"] if r.ballast is not None and cfg.overlap else []
+    if cfg.workers > 1:
+        kinds = [k for k in kinds if k not in INGEST_RESTARTS]
     first = kinds[:]
     rng.shuffle(first)
     if cfg.once:
@@ -256,16 +306,20 @@ async def _chaos(r: _Run, stop: asyncio.Event) -> None:
         await _fault(r, kind, rng)
 
 
-def _read_audit(state: Path) -> list[dict[str, Any]] | None:
+def _read_audit(r: _Run) -> list[dict[str, Any]] | None:
+    """Every gateway's audit records (the workers' chains one after the other)."""
     try:
-        return list(iter_records(state / "audit"))
+        return [rec for d in r.state_dirs() for rec in iter_records(d / "audit")]
     except (OSError, ValueError):
         return None  # a line being written
 
 
-def reconcile(records: list[dict[str, Any]], truth: Any, rx: DestinationReceiver, lives: int) -> dict[str, Any]:
-    """Ground truth against the audit log and what the destinations received."""
+def reconcile(records: list[dict[str, Any]], truth: Any, rx: DestinationReceiver, lives: int,
+              wall0: float = 0.0) -> dict[str, Any]:
+    """Ground truth against the audit log and what the destinations received. ``wall0``: the wall
+    clock at the run's start, so a missing message's send time lines up with the fault log."""
     sent = [(t.device_id, t.seq) for t in truth.sent_records]
+    sent_at = {(t.device_id, t.seq): round(t.t_sent - wall0, 1) for t in truth.sent_records} if wall0 else {}
     decisions: Counter[tuple[str, int]] = Counter()
     redeliveries: Counter[tuple[str, int]] = Counter()
     reasons: dict[tuple[str, int], str] = {}
@@ -323,7 +377,7 @@ def reconcile(records: list[dict[str, Any]], truth: Any, rx: DestinationReceiver
         "decided": sum(1 for k in sent_set if decisions[k]),
         "rejected_with_reason": dict(Counter(reasons[k] for k in sent_set if not decisions[k] and k in reasons)),
         "missing": len(missing),
-        "missing_sample": [list(k) for k in missing[:5]],
+        "missing_sample": [[*k, sent_at[k]] if k in sent_at else list(k) for k in missing[:5]],
         "decided_more_than_once": len(multi),
         "decided_more_than_once_marked_redelivery": sum(1 for k in multi if redeliveries[k]),
         "max_decisions_per_message": max(decisions.values(), default=0),
@@ -345,31 +399,31 @@ def _all_decided(truth: Any, records: list[dict[str, Any]] | None) -> bool:
 
 
 def _settled(r: _Run, truth: Any, records: list[dict[str, Any]] | None,
-             st: dict[str, Any] | None = None) -> bool:
+             sts: list[dict[str, Any]] | None = None) -> bool:
     if not _all_decided(truth, records):
         return False
-    st = _status(r) if st is None else st
-    if not st or st.get("awaiting_uplink_ack") or st.get("uplink_backlog"):
-        return False
-    for d in REMOTE:
-        row = st.get("destinations", {}).get(d, {})
-        if row.get("state") != "up" or row.get("backlog") or row.get("batch") or row.get("in_flight"):
+    for st in _statuses(r) if sts is None else sts:
+        if not st or st.get("awaiting_uplink_ack") or st.get("uplink_backlog"):
             return False
+        for d in REMOTE:
+            row = st.get("destinations", {}).get(d, {})
+            if row.get("state") != "up" or row.get("backlog") or row.get("batch") or row.get("in_flight"):
+                return False
     return True
 
 
 RX_QUIET_S = 8.0
 
 
-async def _status_after(r: _Run, t: float, timeout: float = 3.0) -> dict[str, Any]:
-    """The first status.json written after wall time ``t`` ({} if none within ``timeout``)."""
+async def _statuses_after(r: _Run, t: float, timeout: float = 3.0) -> list[dict[str, Any]]:
+    """Every gateway's first status.json written after wall time ``t`` ([{}] if not all within ``timeout``)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        st = _status(r)
-        if st.get("t", 0.0) > t:
-            return st
+        sts = _statuses(r)
+        if all(st.get("t", 0.0) > t for st in sts):
+            return sts
         await asyncio.sleep(0.1)
-    return {}
+    return [{}]
 
 
 async def _quiet(rx: DestinationReceiver, quiet_s: float, step: float = 0.5) -> None:
@@ -404,10 +458,14 @@ async def run_chaos(cfg: ChaosConfig, workdir: Path) -> dict[str, Any]:
         r = _Run(cfg, workdir, state_root / "gw", ingest, dest, disk_fill_note=note)
         if mounted is not None:
             r.ballast = mounted / "ballast"
-        r.t0 = time.monotonic()
-        await _start_gateway(r)
-        ring = ReloadingKeyring(r.state / "keys" / "datakeys.jsonl",
-                                load_or_create_kek(r.state / "keys" / "kek.key"))
+        r.t0, wall0 = time.monotonic(), time.time()
+        if cfg.workers > 1:  # as SiteWorkers builds them: one KEK, the dedupe window shared
+            r.kek = secrets.token_bytes(32)
+            r.shared = SharedDeviceState(workers=cfg.workers)
+        for i in range(cfg.workers):
+            await _start_gateway(r, i)
+        kek = r.kek if r.shared is not None else load_or_create_kek(r.state / "keys" / "kek.key")
+        ring = ReloadingKeyring([d / "keys" / "datakeys.jsonl" for d in r.state_dirs()], kek)
         r.rx = rx = DestinationReceiver("127.0.0.1", dest.port, ring, keep=True)
         await rx.start()
         fleet = Fleet(make_fleet(cfg.devices, seed=cfg.seed), port=ingest.port, seed=cfg.seed,
@@ -420,12 +478,14 @@ async def run_chaos(cfg: ChaosConfig, workdir: Path) -> dict[str, Any]:
         async def progress() -> None:
             while True:
                 await asyncio.sleep(cfg.progress_every_s)
-                st = _status(r)
+                sts = _statuses(r)
+                st = sts[0]
                 states = {d: st.get("destinations", {}).get(d, {}).get("state", "?")[:4] for d in REMOTE}
+                decided = "+".join(str(x.get("stats", {}).get("decided", "?")) for x in sts)
                 _say(cfg, f"[{time.monotonic() - r.t0:6.1f}s] sent {fleet.truth.sent} failed "
-                          f"{len(fleet.truth.failed)} | gw life {r.lives} decided {st.get('stats', {}).get('decided', '?')}"
-                          f" paused {st.get('paused')} | rx {rx.total} wire-dups {rx.duplicates} | {states}"
-                          f" | faults {dict(r.faults)}")
+                          f"{len(fleet.truth.failed)} | gw life {r.lives} decided {decided}"
+                          f" paused {[x.get('paused') for x in sts]} | rx {rx.total} wire-dups {rx.duplicates}"
+                          f" | {states} | faults {dict(r.faults)}")
 
         prog = asyncio.create_task(progress()) if cfg.progress else None
         truth = await run
@@ -438,8 +498,8 @@ async def run_chaos(cfg: ChaosConfig, workdir: Path) -> dict[str, Any]:
             # status.json is written every 0.5 s: judge the queues by one written after the audit was
             # read, or a message decided (and queued for its re-timing batch) in between looks settled
             t_read = time.time()
-            records = _read_audit(r.state)
-            if _all_decided(truth, records) and _settled(r, truth, records, await _status_after(r, t_read)):
+            records = _read_audit(r)
+            if _all_decided(truth, records) and _settled(r, truth, records, await _statuses_after(r, t_read)):
                 settled = True
                 break
             await asyncio.sleep(0.5)
@@ -447,26 +507,37 @@ async def run_chaos(cfg: ChaosConfig, workdir: Path) -> dict[str, Any]:
         await _quiet(rx, RX_QUIET_S)
         if prog is not None:
             prog.cancel()
-        assert r.gw is not None
-        r.gw.send_signal(signal.SIGTERM)
-        await asyncio.to_thread(r.gw.wait, 30)
+        for p in r.gws:
+            assert p is not None
+            p.send_signal(signal.SIGTERM)
+        for p in r.gws:
+            assert p is not None
+            await asyncio.to_thread(p.wait, 30)
         await _quiet(rx, 2.0)  # a graceful stop releases what is left in the batches
         await rx.stop()
-        records = _read_audit(r.state) or []
-        out = reconcile(records, truth, rx, r.lives)
+        records = _read_audit(r) or []
+        out = reconcile(records, truth, rx, r.lives, wall0)
         out.update({
             "seconds": cfg.seconds, "devices": cfg.devices, "seed": cfg.seed, "rate_scale": cfg.rate_scale,
-            "settled": settled, "faults": dict(r.faults), "fault_log": r.fault_log,
-            "audit_ok": verify_chain(r.state / "audit").ok, "runtime_s": round(time.monotonic() - r.t0, 1),
-            "disk_fill": mounted is not None, "notes": [note] if note else [],
-            "gateway_exit": r.gw.returncode,
+            "settled": settled, "faults": dict(r.faults), "fault_log": r.fault_log, "workers": cfg.workers,
+            "audit_ok": all(verify_chain(d / "audit").ok for d in r.state_dirs()),
+            "runtime_s": round(time.monotonic() - r.t0, 1),
+            "disk_fill": mounted is not None,
+            "notes": ([note] if note else []) + ([f"not run with workers: {', '.join(INGEST_RESTARTS)} "
+                                                  "(see INGEST_RESTARTS)"] if cfg.workers > 1 else []),
+            "gateway_exit": [p.returncode for p in r.gws if p is not None],
+            "decided_per_worker": [sum(1 for rec in iter_records(d / "audit") if "routes" in rec)
+                                   for d in r.state_dirs()],
         })
         out["ok"] = ok(out)
         return out
     finally:
-        if r is not None and r.gw is not None and r.gw.poll() is None:
-            r.gw.kill()
-            r.gw.wait()
+        for p in r.gws if r is not None else []:
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        if r is not None and r.shared is not None:
+            r.shared.close()
         if dest is not None:
             dest.stop()
         ingest.stop()
@@ -487,7 +558,9 @@ def ok(out: dict[str, Any]) -> bool:
 def table(out: dict[str, Any]) -> str:
     lines = [
         (f"chaos: {out['seconds']:.0f}s, {out['devices']} devices, seed {out['seed']}, rate x{out['rate_scale']}, "
-         f"runtime {out['runtime_s']}s, gateway lives {out['gateway_lives']}, settled {out['settled']}"),
+         f"runtime {out['runtime_s']}s, gateway lives {out['gateway_lives']}, settled {out['settled']}"
+         + (f", {out['workers']} workers (decided {'/'.join(map(str, out['decided_per_worker']))})"
+            if out["workers"] > 1 else "")),
         f"faults injected: {out['faults']}" + ("" if out["disk_fill"] else "  (no disk fill)"),
         (f"sent (PUBACKed) {out['sent']}  failed publishes {out['failed_publishes']}  decided {out['decided']}  "
          f"rejected {out['rejected_with_reason'] or 0}  missing {out['missing']}"),
@@ -523,6 +596,9 @@ def main() -> int:
                          "default fleet: 64 fills up within 2 min, a 30-minute run needs ~2048)")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON (progress goes to stderr)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--workers", type=int, default=1, metavar="N",
+                    help="N gateway workers on a shared subscription (edgeward run --workers N); a kill -9 "
+                         "hits one of them")
     ap.add_argument("--overlap", action="store_true",
                     help="add the overlapping faults: ingest restart, then kill -9 within one re-timing "
                          "batch; with --disk-fill also an ingest restart while the disk is full")
@@ -532,7 +608,7 @@ def main() -> int:
         a.disk_fill = False
     cfg = ChaosConfig(seconds=a.minutes * 60, devices=a.devices, seed=a.seed, rate_scale=a.rate_scale, once=False,
                       disk_fill=a.disk_fill, tmpfs_mb=a.tmpfs_mb, keep_state=a.keep, settle_timeout_s=120,
-                      overlap=a.overlap,
+                      overlap=a.overlap, workers=max(1, a.workers),
                       progress=lambda s: print(s, file=sys.stderr if a.json else sys.stdout, flush=True),
                       progress_every_s=10.0)
     work = Path(tempfile.mkdtemp(prefix="edgeward-chaos-"))
