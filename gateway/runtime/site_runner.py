@@ -225,7 +225,11 @@ class SiteRuntime:
         self.gateway.pipeline.blocked = frozenset(site.ca().held())
         self._held_watch = asyncio.create_task(self._watch_held(), name="site-held-watch")
         await self.gateway.__aenter__()  # connected and subscribed
-        await open_device_listener(site, self.broker)
+        try:
+            await open_device_listener(site, self.broker)
+        except BaseException:
+            await self.__aexit__(None, None, None)  # the gateway closed, the broker stopped
+            raise
         self.log(
             f"site {site.name}: broker devices mTLS 127.0.0.1:{self.device_port}, gateway 127.0.0.1:{self.broker.port}; "
             f"policy {self.policy.revision}"
