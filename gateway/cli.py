@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -140,12 +141,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 log(f"recording traffic facts to {args.record_traffic}")
             log(f"gateway running; edit {site.policy_dir} (or SIGHUP) to reload; Ctrl-C stops")
             watcher = asyncio.create_task(reloader.watch(stop), name="policy-watch")
+            broker_watch = asyncio.create_task(_watch_broker(rt.broker, stop), name="broker-watch")
             await gw.serve(stop)
             await watcher
+            why = await broker_watch
             log(json.dumps(gw.stats.to_json()))
+        if why is not None:
+            raise EdgewardError(why)
 
     _run(main())
     return 0
+
+
+async def _watch_broker(broker: Any, stop: asyncio.Event) -> str | None:
+    """Until ``stop``: sets it, and says why, when the site's broker exits."""
+    from gateway.runtime.site_runner import broker_exited
+
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)
+        why = broker_exited(broker)
+        if why is not None and not stop.is_set():
+            stop.set()
+            return why
+    return None
 
 
 def _run_workers(args: argparse.Namespace, site: Any, policy: Any, log: Any) -> int:

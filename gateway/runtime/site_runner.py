@@ -34,8 +34,8 @@ from gateway.site import Site, mosquitto_password_line
 if TYPE_CHECKING:
     from gateway.policy import Policy
 
-__all__ = ["OPERATOR_USER", "SiteRuntime", "open_device_listener", "operator_secret_path", "recipient_keys",
-           "render_site_acl", "start_site_broker"]
+__all__ = ["OPERATOR_USER", "SiteRuntime", "broker_exited", "open_device_listener", "operator_secret_path",
+           "recipient_keys", "render_site_acl", "start_site_broker"]
 
 OPERATOR_USER = "edgeward-operator"
 # What a site runs with beyond GatewayConfig's library defaults (which tests and benchmarks use).
@@ -121,6 +121,16 @@ async def open_device_listener(site: Site, broker: MosquittoBroker, timeout: flo
             continue
         await c.disconnect()
         return
+
+
+def broker_exited(broker: MosquittoBroker) -> str | None:
+    """Why the site must stop, once its broker has exited (None while it runs). The runtime does not
+    start it again under a running gateway: devices would get in before the ingest had subscribed
+    (``open_device_listener``). ``edgeward run`` stops instead, and starting it again is safe."""
+    if broker.running:
+        return None
+    code = broker.proc.returncode if broker.proc is not None else None
+    return f"the site's broker exited (code {code}); the site stopped: start it again with edgeward run"
 
 
 async def start_site_broker(

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from gateway.errors import EdgewardError
+from gateway.runtime.site_runner import broker_exited
 from gateway.site import Site
 
 __all__ = [
@@ -348,6 +349,9 @@ class SiteWorkers:
             self._poll_events()
             if stop.is_set():
                 break
+            why = broker_exited(self.broker) if self.broker is not None else None
+            if why is not None:
+                raise WorkersError(why)
             for i, p in list(self._procs.items()):
                 if p.exitcode is None:
                     continue

@@ -62,14 +62,10 @@ def test_operator_flow(tmp_path: Path) -> None:
     run = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", str(site)], cwd=REPO, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", dport), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        time.sleep(0.5)  # the gateway subscribes right after the broker listens
+        # running: the gateway has subscribed and the broker lets devices in (it refuses them before)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _edgeward("status", str(site), env=env, check=False).returncode:
+            time.sleep(0.3)
         sim = json.loads(_edgeward("sim", str(site), "--devices", "12", "--seconds", "3", "--rate-scale", "5",
                                    "--json", env=env).stdout)
         assert sim["sent"] > 20 and sim["failed"] == 0
@@ -104,3 +100,30 @@ def test_operator_flow(tmp_path: Path) -> None:
     lines = f.read_text().splitlines(keepends=True)
     f.write_text("".join(lines[:3] + lines[4:]))
     assert _edgeward("audit", "verify", str(site), env=env, check=False).returncode == 1
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("workers", [1, 2])
+def test_run_stops_when_its_broker_dies(tmp_path: Path, workers: int) -> None:
+    """``edgeward run`` does not start a dead broker again under its running gateway (devices would get
+    in before the ingest had subscribed): it stops, says why, and exits non-zero. Starting it again is
+    the safe restart."""
+    site = tmp_path / "site"
+    env = {**os.environ, "EDGEWARD_PASSPHRASE": "a passphrase for the test site"}
+    _edgeward("init", str(site), "--devices", "2", "--device-port", str(_free_port()), "--gateway-port",
+              str(_free_port()), env=env)
+    run = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", str(site), "--workers", str(workers)],
+                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _edgeward("status", str(site), env=env, check=False).returncode:
+            time.sleep(0.3)
+        info = json.loads((site / "broker" / "runtime.json").read_text())
+        os.kill(int(info["pid"]), signal.SIGKILL)
+        _, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            _stop_site(run, site)
+    assert run.returncode == 2, err
+    assert "the site's broker exited" in err and "start it again with edgeward run" in err
