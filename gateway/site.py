@@ -42,6 +42,7 @@ from gateway.crypto.keys import read_secret_file, write_secret_file
 from gateway.crypto.pki import (
     BROKER_CN,
     GATEWAY_CN,
+    PROBE_CN,
     SiteCA,
     client_ssl_context,
     ssl_context_for_device,
@@ -143,6 +144,7 @@ def init_site(
     ca = SiteCA.create(site_dir / "ca", name)
     ca.issue(BROKER_CN, kind="server", days=cert_days, save_index=False)
     ca.issue(GATEWAY_CN, kind="gateway", days=cert_days, save_index=False)
+    ca.issue(PROBE_CN, kind="probe", days=cert_days, save_index=False)  # site_runner.open_device_listener
     for dev in device_ids:
         ca.issue(dev, kind="device", days=cert_days, save_index=False)
     ca.save()
