@@ -432,6 +432,10 @@ class Gateway:
         self._links: dict[tuple[str, int] | None, _Link] = {None: self._default_link}
         self.outboxes: dict[str, _Outbox] = {}
         self._pause_reasons: set[str] = set()
+        # While _connect waits for its SUBACK, a pause (a backlog message meeting a full disk) is only
+        # noted: the answer comes after the backlog, and a paused transport would never read it.
+        # _connect pauses the transport once it is answered.
+        self._connecting = False
         self._disk_full: str | None = None
         self._disk_full_episode: list[float] | None = None  # [started, last alerted, failed retries]
         self._probation: dict[str, _Probation] = {}
@@ -536,6 +540,15 @@ class Gateway:
         await self.close()
 
     async def _connect(self) -> None:
+        self._connecting = True
+        try:
+            await self._connect_ingest()
+        finally:
+            self._connecting = False
+        if self._pause_reasons and self.ingest.transport is not None:  # paused before or meanwhile
+            self.ingest.transport.pause_reading()
+
+    async def _connect_ingest(self) -> None:
         # A new generation before the ingest connects: a resumed session redelivers at once, before
         # SUBSCRIBE returns, and those messages belong to this connection.
         self._generation += 1
@@ -555,9 +568,7 @@ class Gateway:
         # Not a worker's: Mosquitto 2.0 restores a shared subscription from its persistence file dead,
         # delivering nothing until it is subscribed again (tests/integration/test_workers.py), and a
         # resumed session cannot tell a dropped connection from a restarted broker. So a worker always
-        # subscribes, reading, and pauses after.
-        if self._pause_reasons and self.ingest.transport is not None:  # still full: stay paused
-            self.ingest.transport.pause_reading()
+        # subscribes, reading, and pauses after (_connect).
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, reconnecting (jittered backoff) whenever the broker goes away."""
@@ -1195,7 +1206,7 @@ class Gateway:
         return True
 
     def _pause(self, reason: str) -> None:
-        if not self._pause_reasons:
+        if not self._pause_reasons and not self._connecting:
             transport = self.ingest.transport
             if transport is not None:
                 transport.pause_reading()

@@ -325,3 +325,44 @@ async def test_broker_restart_while_disk_full(tmp_path: Path, sessions: str) -> 
         assert verify_chain(cfg.state_dir / "audit").ok
     finally:
         broker.stop()
+
+
+@pytest.mark.parametrize("share_group", [None, "edgeward"], ids=["gateway", "worker"])
+async def test_start_on_a_full_disk_with_a_backlog_waits_for_space(tmp_path: Path, share_group: str | None) -> None:
+    """A gateway (or a restarted worker) starting while its disk is full, with messages waiting in its
+    session. The broker sends them before it answers the SUBSCRIBE; the first ones fill no disk, so
+    intake pauses and the answer cannot be read. Start-up used to wait for it, time out and exit (a
+    chaos run's restarted worker died so, and a supervisor would have restarted it into the same
+    end). The gateway now starts, stays paused, and decides the backlog once there is room."""
+    broker = start_broker(tmp_path / "broker")
+    try:
+        policy = load_policy(POLICY_DIR)
+        cfg = GatewayConfig(state_dir=tmp_path / "gw", port=broker.port, rate_headroom=None,
+                            subscribe_timeout_s=2.0, share_group=share_group)
+        async with Gateway(cfg, policy):
+            pass  # the session and its subscription, then gone
+        truth = await Fleet(make_fleet(10, seed=21), port=broker.port, seed=21, rate_scale=6,
+                            drop_every_s=None).run(1.5)
+        sent = {(t.device_id, t.seq) for t in truth.sent_records}
+        gw = Gateway(cfg, policy)
+        _fill_vault_disk(gw)
+        stop = asyncio.Event()
+        try:
+            async with gw:  # before: TimeoutError, the SUBACK behind a backlog it had stopped reading
+                serve = asyncio.create_task(gw.serve(stop))
+                await _until(lambda: gw.status()["disk_full"], 10, "disk full noticed")
+                await asyncio.sleep(2.5)  # longer than the SUBACK wait
+                assert "disk_full" in gw.status()["paused"]
+                assert gw.stats.reconnects == 0 and gw.stats.connect_failures == 0
+                _FullDisk.full = False  # space returns
+                await _until(lambda: not gw.status()["disk_full"], 15, "resumed")
+                await _until(lambda: sent <= set(_decided(cfg.state_dir)), 20, "the backlog decided")
+                assert await gw.drain(20), gw.status()
+                stop.set()
+                await serve
+        finally:
+            _FullDisk.full = False
+        assert sorted(_decided(cfg.state_dir)) == sorted(sent)  # each once
+        assert verify_chain(cfg.state_dir / "audit").ok
+    finally:
+        broker.stop()
