@@ -223,13 +223,13 @@ def _statuses(r: _Run) -> list[dict[str, Any]]:
 
 
 def _fill(path: Path) -> None:
-    """Write a ballast file until the volume is full (ENOSPC)."""
+    """Write a ballast file until the volume is full (ENOSPC). Unbuffered: a buffered file kept the
+    part of a chunk that did not fit and raised ENOSPC again when closed, which ended the faults."""
     chunk = b"\0" * (1 << 20)
-    with open(path, "wb") as f:
+    with open(path, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(chunk)
-                f.flush()
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
@@ -488,6 +488,13 @@ async def run_chaos(cfg: ChaosConfig, workdir: Path) -> dict[str, Any]:
                           f" | {states} | faults {dict(r.faults)}")
 
         prog = asyncio.create_task(progress()) if cfg.progress else None
+        # a fault that fails ends the run now, not after the fleet's minutes without faults
+        await asyncio.wait({run, chaos}, return_when=asyncio.FIRST_EXCEPTION)
+        if chaos.done() and chaos.exception() is not None:
+            run.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run
+            await chaos  # raises it
         truth = await run
         stop.set()
         await chaos
