@@ -45,6 +45,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -71,6 +72,7 @@ KINDS = ("ingest_restart", "gateway_kill", "dest_outage")
 # (tests/integration/test_workers.py pins it). A site never restarts its broker under running workers,
 # and its broker lets devices in only once they have subscribed (site_runner.open_device_listener).
 INGEST_RESTARTS = ("ingest_restart", "ingest_then_kill", "disk_then_ingest")
+START_TIMEOUT_S = 60.0  # a gateway (or worker) not ready by then fails the run
 
 GATEWAY = """
 import asyncio, json, signal, sys
@@ -184,7 +186,13 @@ def _start_gateway_sync(r: _Run, index: int) -> subprocess.Popen[str]:
         p = subprocess.Popen([sys.executable, "-c", GATEWAY, json.dumps(args)], cwd=REPO, stdout=subprocess.PIPE,
                              stderr=log, text=True)
     assert p.stdout is not None
-    line = p.stdout.readline().strip()
+    # A gateway that hangs in start-up must fail the run, not hang it: killing it ends the readline.
+    timer = threading.Timer(START_TIMEOUT_S, p.kill)
+    timer.start()
+    try:
+        line = p.stdout.readline().strip()
+    finally:
+        timer.cancel()
     if line != "ready":
         p.kill()
         p.wait()
