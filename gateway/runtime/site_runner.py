@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
-import signal
 import ssl
 import time
 from collections.abc import Callable
@@ -26,7 +24,7 @@ from gateway.crypto.pki import GATEWAY_CN, PROBE_CN, client_ssl_context
 from gateway.errors import BrokerError
 from gateway.crypto.recipient import load_public_key
 from gateway.runtime.broker import MosquittoBroker
-from gateway.runtime.isolation import isolate, write_runtime_info
+from gateway.runtime.isolation import isolate, reload_broker, write_runtime_info
 from gateway.runtime.mqtt import Message, MqttClient
 from gateway.runtime.service import Gateway, GatewayConfig
 from gateway.site import Site, mosquitto_password_line
@@ -104,8 +102,9 @@ async def open_device_listener(site: Site, broker: MosquittoBroker, timeout: flo
     if not probe.exists():  # a site initialised before the probe existed
         ca.issue(PROBE_CN, kind="probe")
     ca.write_crl()
-    assert broker.proc is not None and broker.config.tls is not None
-    os.kill(broker.proc.pid, signal.SIGHUP)
+    assert broker.config.tls is not None
+    if not reload_broker(site.root):  # SIGHUP to the broker runtime.json names
+        raise BrokerError("the site's broker is not running")
     ctx = client_ssl_context(site.ca_cert, probe, site.root / "certs" / f"{PROBE_CN}.key")
     deadline = time.monotonic() + timeout
     while True:
