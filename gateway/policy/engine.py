@@ -8,8 +8,10 @@ must equal ``reference.reference_decide`` exactly; the property test holds it to
 
 Memoisation: a decision depends only on the facts except ``size``, and on ``size`` only through
 "within the type's limit", so decisions are cached on (device_id, device_type, vendor, site, topic,
-stream, fields, size_ok). The cache is bounded (``MEMO_SIZE``) and simply cleared when full: it is a
-pure function's memo, never a source of truth. Below it, the routes of a granted message are memoised on
+stream, fields, size_ok). The cache is bounded (``MEMO_SIZE`` keys, sized for a site's fleet: a device
+has a key per stream and field set) and drops its older half when full: it is a pure function's memo,
+never a source of truth. (Cleared whole at 16,384 keys, it thrashed past ~8,000 devices: a fleet that
+sends in turn then missed on every message.) Below it, the routes of a granted message are memoised on
 what they read (grant, contract, fields, vendor, type, stream; device and topic too when a condition
 names devices or topics), so a device's first message costs the lookups, not the route plan. Equal
 decisions are also shared: every device whose
@@ -24,6 +26,7 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from itertools import islice
 from types import MappingProxyType
 from typing import Any
 
@@ -35,7 +38,14 @@ from gateway.policy.validate import is_glob
 
 __all__ = ["Policy", "Destination", "DeviceEntry", "MEMO_SIZE", "GATEWAY_USER", "canonical_revision"]
 
-MEMO_SIZE = 1 << 14  # ~1-2 KB a decision: a few tens of MB at worst, whatever devices send
+MEMO_SIZE = 1 << 16  # ~250 B a key (decisions are shared): ~16 MB at worst, whatever devices send
+
+
+def _drop_older_half(memo: dict[Any, Any]) -> None:
+    """Forget the first-inserted half of a full memo (dicts keep insertion order): a fleet larger than
+    the memo then re-plans its older keys, not every key at every turn as clearing it would."""
+    for k in list(islice(memo, len(memo) // 2)):
+        del memo[k]
 GATEWAY_USER = "edgeward-gateway"
 
 
@@ -270,7 +280,7 @@ class Policy:
             if r.when.vendors is not None or r.when.device_types is not None
         )
         self._memo: dict[tuple[Any, ...], Decision] = {}
-        self._shared: dict[Decision, Decision] = {}  # equal decisions -> one object (cleared with the memo)
+        self._shared: dict[Decision, Decision] = {}  # equal decisions -> one object (bounded like the memo)
         # The routes once a grant is found depend on the device only through conditions on devices or
         # topics; without any, devices of the same type, vendor, stream and fields share their routes.
         self._routes_memo: dict[tuple[Any, ...], tuple[Route, ...]] = {}
@@ -308,11 +318,13 @@ class Policy:
         hit = self._memo.get(key)
         if hit is None:
             if len(self._memo) >= MEMO_SIZE:
-                self._memo.clear()
-                self._shared.clear()
-                self._routes_memo.clear()
+                _drop_older_half(self._memo)
             decision = self._decide(facts, size_ok)
-            hit = self._shared.setdefault(decision, decision)
+            hit = self._shared.get(decision)
+            if hit is None:
+                if len(self._shared) >= MEMO_SIZE:  # only with conditions that name devices or topics
+                    self._shared.clear()
+                hit = self._shared[decision] = decision
             self._memo[key] = hit
         return hit
 
@@ -392,7 +404,7 @@ class Policy:
         if routes is None:
             routes = tuple(self._route(d, facts, has_contract, gid) for d in self._dests)
             if len(self._routes_memo) >= MEMO_SIZE:
-                self._routes_memo.clear()
+                _drop_older_half(self._routes_memo)
             self._routes_memo[key] = routes
         return Decision(self.revision, routes, errors)
 
