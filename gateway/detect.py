@@ -117,35 +117,71 @@ def free_text_suspicious(field_spec: FieldSpec, value: str) -> str | None:
     return None
 
 
+# What of a schema the detectors read, worked out once per schema (by identity: a schema's hash walks
+# every field spec): its text fields, (name, spec, 0 str | 1 list of str | 2 records, str subfields),
+# and its image fields. The entry keeps its schema, so the id cannot be reused while it is here.
+_TextPlan = tuple[tuple[str, FieldSpec, int, tuple[str, ...]], ...]
+_PLANS: dict[int, tuple[StreamSchema, _TextPlan, tuple[str, ...]]] = {}
+
+
+def _plan(schema: StreamSchema) -> tuple[StreamSchema, _TextPlan, tuple[str, ...]]:
+    hit = _PLANS.get(id(schema))
+    if hit is None or hit[0] is not schema:
+        text: list[tuple[str, FieldSpec, int, tuple[str, ...]]] = []
+        for f in schema.fields:
+            if f.kind == "str":
+                text.append((f.name, f, 0, ()))
+            elif f.kind == "list" and f.item == "str":
+                text.append((f.name, f, 1, ()))
+            elif f.kind == "records":
+                subs = tuple(k for k, kind in f.subfields if kind == "str")
+                if subs:
+                    text.append((f.name, f, 2, subs))
+        images = tuple(f.name for f in schema.fields if f.kind == "bytes" and f.cls in ("image", "biometric"))
+        if len(_PLANS) >= 4096:
+            _PLANS.clear()
+        hit = _PLANS[id(schema)] = (schema, tuple(text), images)
+    return hit
+
+
 def scan_text_fields(schema: StreamSchema, fields: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
-    """Every ``(field, code)`` where a string of a checked payload looks like encoded data.
+    """Every ``(field, code)`` where a string of a checked payload looks like encoded data, in the
+    order of ``fields``.
 
     Strings, items of string lists and string subfields of records (named ``manifest.description``)."""
-    hits: list[tuple[str, str]] = []
-    for name, value in fields.items():
-        spec = schema.by_name.get(name)
-        if spec is None:
+    hits: list[tuple[str, str, str]] = []  # (field, what is named, code)
+    get = fields.get
+    for name, spec, mode, subs in _plan(schema)[1]:
+        value = get(name)
+        if value is None:
             continue
-        if spec.kind == "str" and isinstance(value, str):
-            code = free_text_suspicious(spec, value)
-            if code:
-                hits.append((name, code))
-        elif spec.kind == "list" and spec.item == "str" and isinstance(value, list):
+        if mode == 0:
+            if isinstance(value, str):
+                code = free_text_suspicious(spec, value)
+                if code:
+                    hits.append((name, name, code))
+        elif not isinstance(value, list):
+            continue
+        elif mode == 1:
             for item in value:
                 code = free_text_suspicious(spec, item) if isinstance(item, str) else None
                 if code:
-                    hits.append((name, code))
+                    hits.append((name, name, code))
                     break
-        elif spec.kind == "records" and isinstance(value, list):
-            subs = [k for k, kind in spec.subfields if kind == "str"]
+        else:
             for sub in subs:
                 for rec in value:
                     v = rec.get(sub) if isinstance(rec, dict) else None
                     code = free_text_suspicious(spec, v) if isinstance(v, str) else None
                     if code:
-                        hits.append((f"{name}.{sub}", code))
+                        hits.append((name, f"{name}.{sub}", code))
                         break
-    return tuple(hits)
+    if not hits:
+        return ()
+    if len(hits) > 1:
+        order = {n: i for i, n in enumerate(fields)}
+        hits.sort(key=lambda h: order[h[0]])  # stable: a record's subfields stay in schema order
+    return tuple([(named, code) for _, named, code in hits])
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -232,19 +268,25 @@ def strip_image_trailers(
     schema: StreamSchema, fields: Mapping[str, Any]
 ) -> tuple[dict[str, Any], tuple[tuple[str, int], ...]]:
     """``fields`` with every image-class JPEG cut at its end-of-image (what was cut is returned) and
-    its length rounded up to ``IMAGE_SIZE_QUANTUM``."""
-    out = dict(fields)
+    its length rounded up to ``IMAGE_SIZE_QUANTUM``: a new dict when it holds a JPEG, else ``fields``
+    itself (a dict) or a copy."""
+    out: dict[str, Any] | None = None
     cut: list[tuple[str, int]] = []
-    for name, value in fields.items():
-        spec = schema.by_name.get(name)
-        if spec is None or spec.kind != "bytes" or spec.cls not in ("image", "biometric") or not isinstance(value, bytes):
-            continue
-        if not value.startswith(b"\xff\xd8"):
-            continue  # not a JPEG (a face template): nothing to cut
+    for name in _plan(schema)[2]:
+        value = fields.get(name)
+        if not isinstance(value, bytes) or not value.startswith(b"\xff\xd8"):
+            continue  # absent, or not a JPEG (a face template): nothing to cut
         clean, n = strip_image_trailer(value)
         if n:
             cut.append((name, n))
+        if out is None:
+            out = dict(fields)
         out[name] = pad_image_length(clean)
+    if out is None:
+        return (fields if type(fields) is dict else dict(fields)), ()
+    if len(cut) > 1:
+        order = {n: i for i, n in enumerate(fields)}
+        cut.sort(key=lambda c: order[c[0]])
     return out, tuple(cut)
 
 
