@@ -11,10 +11,10 @@ Memoisation: a decision depends only on the facts except ``size``, and on ``size
 stream, fields, size_ok). The cache is bounded (``MEMO_SIZE`` keys, sized for a site's fleet: a device
 has a key per stream and field set) and drops its older half when full: it is a pure function's memo,
 never a source of truth. (Cleared whole at 16,384 keys, it thrashed past ~8,000 devices: a fleet that
-sends in turn then missed on every message.) Below it, the routes of a granted message are memoised on
-what they read (grant, contract, fields, vendor, type, stream; device and topic too when a condition
-names devices or topics), so a device's first message costs the lookups, not the route plan. Equal
-decisions are also shared: every device whose
+sends in turn then missed on every message.) Below it, the decision of a granted message is memoised on
+what its routes read (grant, contract, fields, vendor, type, stream; device and topic too when a
+condition names devices or topics) and its errors, so a device's first message costs the lookups, not
+the route plan nor hashing a new Decision. Equal decisions are also shared: every device whose
 facts give the same answer gets the same ``Decision`` object, so what a caller derives from one
 decision (the pipeline's audit fragment and delivery plan) is derived once for all of them.
 """
@@ -299,7 +299,7 @@ class Policy:
         self._shared: dict[Decision, Decision] = {}  # equal decisions -> one object (bounded like the memo)
         # The routes once a grant is found depend on the device only through conditions on devices or
         # topics; without any, devices of the same type, vendor, stream and fields share their routes.
-        self._routes_memo: dict[tuple[Any, ...], tuple[Route, ...]] = {}
+        self._routes_memo: dict[tuple[Any, ...], Decision] = {}
         self._routes_see_device = any(
             r.when.devices is not None or r.when.topics is not None for r in conditioned
         )
@@ -335,13 +335,16 @@ class Policy:
         if hit is None:
             if len(self._memo) >= MEMO_SIZE:
                 _drop_older_half(self._memo)
-            decision = self._decide(facts, size_ok)
-            hit = self._shared.get(decision)
-            if hit is None:
-                if len(self._shared) >= MEMO_SIZE:  # only with conditions that name devices or topics
-                    self._shared.clear()
-                hit = self._shared[decision] = decision
-            self._memo[key] = hit
+            hit = self._memo[key] = self._decide(facts, size_ok)
+        return hit
+
+    def _share(self, decision: Decision) -> Decision:
+        """The one object for every Decision equal to ``decision`` (hashing one walks its routes)."""
+        hit = self._shared.get(decision)
+        if hit is None:
+            if len(self._shared) >= MEMO_SIZE:  # only with conditions that name devices or topics
+                self._shared.clear()
+            hit = self._shared[decision] = decision
         return hit
 
     def decide_uncached(self, facts: MessageFacts) -> Decision:
@@ -415,14 +418,14 @@ class Policy:
         # What _route reads of the facts: fields, vendor, type, stream (and device and topic only
         # through `when` conditions that name them); site is the policy's own.
         key = (gid, has_contract, facts.fields, facts.vendor, facts.device_type, facts.stream,
-               *((facts.device_id, facts.topic) if self._routes_see_device else ()))
-        routes = self._routes_memo.get(key)
-        if routes is None:
+               *((facts.device_id, facts.topic) if self._routes_see_device else ()), errors)
+        hit = self._routes_memo.get(key)
+        if hit is None:
             routes = tuple(self._route(d, facts, has_contract, gid) for d in self._dests)
             if len(self._routes_memo) >= MEMO_SIZE:
                 _drop_older_half(self._routes_memo)
-            self._routes_memo[key] = routes
-        return Decision(self.revision, routes, errors)
+            hit = self._routes_memo[key] = self._share(Decision(self.revision, routes, errors))
+        return hit
 
     def _route(self, d: _DestPlan, facts: MessageFacts, has_contract: bool, gid: str) -> Route:
         if not d.jur_ok:
