@@ -224,11 +224,11 @@ class SharedDeviceState:
         return self._is_new(device, seq, -1)
 
     def _is_new(self, device: str, seq: int, ring: int) -> bool:
-        got = self._slot(device, create=True)
+        got = self._slots.get(device) or self._slot(device, create=True)
         if got is None:
             self.refused_full += 1
             return False  # no slot: refused, never granted (see the module docstring)
-        off, seg, _ = got
+        off, seg, digest = got
         buf, fd = self._buf, self._fd
         w = self.window
         bm = off + _OFF_BITMAP
@@ -243,14 +243,14 @@ class SharedDeviceState:
                 if seq <= high and (seq <= high - w or buf[i] & bit):
                     return False
             if ring >= 0:  # noted as accepted by this worker before the window records it
-                self._note(device, seq, ring)
+                self._note_digest(digest, seq, ring)
             if not init:
                 buf[off + _OFF_DEDUPE_INIT] = 1
                 _HIGH.pack_into(buf, off + _OFF_HIGH, seq)
             elif seq > high:
                 if seq - high >= w:
                     buf[bm:bm + w // 8] = bytes(w // 8)
-                else:
+                elif seq - high > 1:  # the next sequence clears only its own bit, set just below
                     _clear(buf, bm, w, high + 1, seq)
                 _HIGH.pack_into(buf, off + _OFF_HIGH, seq)
             buf[i] |= bit
@@ -260,7 +260,9 @@ class SharedDeviceState:
 
     def _note(self, device: str, seq: int, ring: int) -> None:
         """Add (device, seq) to worker ``ring``'s ring (only that worker writes its ring)."""
-        digest = self._slots[device][2]
+        self._note_digest(self._slots[device][2], seq, ring)
+
+    def _note_digest(self, digest: bytes, seq: int, ring: int) -> None:
         r = _GLOBAL_SIZE + ring * self.ring_size
         buf = self._buf
         (n,) = _HIGH.unpack_from(buf, r)
@@ -312,13 +314,15 @@ class SharedDeviceState:
         if last and now - last >= base.outage_gap_s:
             self._outage(now, base.outage_gap_s)
             grace_from, grace_s, _ = _GLOBAL.unpack_from(buf, 0)
-        elif now > last:
-            _F64.pack_into(buf, _LAST_ANY, now)  # no lock: a racing worker's older time is a few µs old
+        elif now - last >= 0.001:  # no lock: a racing worker's older time is a few µs old
+            # (not on every message: two workers writing one cache line at every message bounce it
+            # between their CPUs; outages are seconds long)
+            _F64.pack_into(buf, _LAST_ANY, now)
         lim = self._limits.get(device_type)
         if lim is None:
             lim = self._limits[device_type] = base.limits(device_type)
         rate, burst, byte_rate, byte_burst = lim
-        got = self._slot(device, create=True)
+        got = self._slots.get(device) or self._slot(device, create=True)
         if got is None:
             self.refused_full += 1
             return STATE_FULL
