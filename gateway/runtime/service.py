@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import hashlib
 import json
@@ -371,6 +372,7 @@ class Gateway:
                 every_s=config.checkpoint_every_s,
                 clock=clock,
                 publish=self._publish_checkpoint,
+                defer_sync=True,  # fsynced by _syncer's thread, then published: never on the event loop
             )
             self._record = self.checkpointer.append
         self.vault = VaultWriter(state / "vault")
@@ -682,10 +684,13 @@ class Gateway:
             await asyncio.sleep(1.0)
             if self._disk_full is not None:
                 self._retry_after_disk_full()
+            checkpoints: list[dict[str, Any]] = []
             try:
                 if self.checkpointer is not None:
                     self.checkpointer.tick()
                 self.audit.flush()
+                # on disk now (written, fsynced just below): published once that fsync has finished
+                checkpoints = self.checkpointer.take_unsynced() if self.checkpointer is not None else []
                 self.vault.flush()
                 self.done.flush()
             except StorageFull as exc:
@@ -693,7 +698,12 @@ class Gateway:
             if self._done_before and time.monotonic() > self._done_until:
                 self._done_before = {}
             fds = [f.fileno() for f in (self.audit._fh, self.vault._fh, self.done._fh) if not f.closed]
-            await asyncio.to_thread(_fsync_all, fds)
+            synced = await asyncio.to_thread(_fsync_all, fds)
+            if checkpoints and self.checkpointer is not None:
+                if synced:
+                    self.checkpointer.publish(checkpoints)
+                else:  # published after the next fsync that succeeds, never before
+                    self.checkpointer.requeue(checkpoints)
             spools = [ob.spool for ob in self.outboxes.values() if ob.spool is not None]
             if spools:
                 await asyncio.to_thread(_sync_spools, spools)
@@ -1593,7 +1603,12 @@ def _sync_spools(spools: list[Spool]) -> None:
             sp.sync()
 
 
-def _fsync_all(fds: list[int]) -> None:
+def _fsync_all(fds: list[int]) -> bool:
+    """fsync each; False if one failed (a file rotated away meanwhile, EBADF, was synced on rotation)."""
+    ok = True
     for fd in fds:
-        with contextlib.suppress(OSError):  # a file rotated away meanwhile was synced on rotation
+        try:
             os.fsync(fd)
+        except OSError as exc:
+            ok = ok and exc.errno == errno.EBADF
+    return ok

@@ -283,7 +283,7 @@ class SiteRuntime:
         try:
             if self.gateway is not None:
                 if self.gateway.checkpointer is not None and self.gateway.uplink.connected:
-                    self.gateway.checkpointer.checkpoint()  # a final signed checkpoint on clean shutdown
+                    self.gateway.checkpointer.checkpoint(sync=True)  # a final signed checkpoint on clean shutdown
                     await self.gateway.drain(5)
                     await asyncio.sleep(0.2)  # let the operator side take it before the broker stops
                 await self.gateway.close()

@@ -210,7 +210,7 @@ async def _worker_async(args: _WorkerArgs, state: Any, events: Any) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks, return_exceptions=True)
         if gw.checkpointer is not None and gw.uplink.connected:
-            gw.checkpointer.checkpoint()  # a final signed checkpoint on a clean stop
+            gw.checkpointer.checkpoint(sync=True)  # a final signed checkpoint on a clean stop
             await gw.drain(5)
         await gw.close()
         gw.write_status()

@@ -225,3 +225,58 @@ async def test_gateway_restart_loses_nothing(broker: MosquittoBroker, tmp_path: 
     assert missing == []
     assert max(decided.values()) == 1
     assert verify_chain(state / "audit").ok
+
+
+async def test_checkpoints_are_fsynced_off_the_event_loop_and_published_after(
+        broker: MosquittoBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint every 25 records: its fsync (~4 ms for 10,000 records on the development machine)
+    runs in the syncer's thread, never on the loop, and a checkpoint is published only after it."""
+    import os
+    import threading
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from gateway.audit.checkpoint import verify_with_checkpoints
+
+    key = Ed25519PrivateKey.generate()
+    state = tmp_path / "gw"
+    gw = Gateway(GatewayConfig(state_dir=state, port=broker.port, audit_signing_key=key,
+                               checkpoint_every_records=25), load_policy(POLICY_DIR))
+    assert gw.checkpointer is not None
+    events: list[tuple[str, Any]] = []
+    real_fsync = os.fsync
+    loop_thread = threading.get_ident()
+
+    def fsync(fd: int) -> None:
+        # the audit log's (a new data key is fsynced where it is made, before anything is sealed with it)
+        if "/audit/" in os.readlink(f"/proc/self/fd/{fd}"):
+            events.append(("fsync", threading.get_ident() == loop_thread))
+        real_fsync(fd)
+
+    publish = gw.checkpointer._publish
+    assert publish is not None
+    gw.checkpointer._publish = lambda ck: (events.append(("publish", ck)), publish(ck))[1]  # type: ignore[func-returns-value]
+    fleet = Fleet(make_fleet(8, seed=9), port=broker.port, seed=9, rate_scale=8.0, health_interval_s=0.5,
+                  drop_every_s=None)
+    stop = asyncio.Event()
+    async with gw:
+        monkeypatch.setattr(os, "fsync", fsync)
+        serve = asyncio.create_task(gw.serve(stop))
+        await fleet.run(3.0)
+        for _ in range(100):
+            if gw.stats.decided + sum(gw.stats.rejected.values()) >= fleet.truth.sent:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.2)  # one more round of the syncer: what is waiting is published
+        serving = list(events)
+        monkeypatch.undo()
+        stop.set()
+        await serve
+    published = [e[1] for e in serving if e[0] == "publish"]
+    assert fleet.truth.sent > 60 and len(published) >= 2
+    assert [on_loop for kind, on_loop in serving if kind == "fsync"].count(True) == 0
+    # each publication follows an fsync begun after its checkpoint was written
+    first_publish = next(i for i, e in enumerate(serving) if e[0] == "publish")
+    assert any(e[0] == "fsync" for e in serving[:first_publish])
+    r = verify_with_checkpoints(state / "audit", key.public_key(), published=published)
+    assert r.ok, r.errors

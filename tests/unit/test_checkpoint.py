@@ -103,6 +103,35 @@ def test_checkpoint_by_time_and_tick(tmp_path: Path) -> None:
     assert verify_with_checkpoints(tmp_path / "audit", load_verify_key(tmp_path / "k"), published=got).ok
 
 
+def test_deferred_checkpoints_wait_for_the_owners_fsync_and_keep_their_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A gateway defers a checkpoint's fsync to its syncer thread: nothing is synced or published where
+    # the checkpoint falls (on the event loop), and nothing is published before the owner has synced.
+    key = create_signing_key(tmp_path / "k")
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd))[1])
+    got: list[dict[str, Any]] = []
+    log = AuditLog(tmp_path / "audit")
+    cp = Checkpointer(log, key, every_records=5, every_s=3600, clock=Clock(), publish=got.append, defer_sync=True)
+    for i in range(12):
+        cp.append(_rec(i))
+    assert fsyncs == [] and got == []
+    log.flush()
+    waiting = cp.take_unsynced()
+    assert [c["index"] for c in waiting] == [4, 10] and cp.take_unsynced() == []
+    cp.requeue(waiting)  # the owner's fsync failed: kept, oldest first
+    for i in range(12, 15):
+        cp.append(_rec(i))
+    assert fsyncs == [] and got == []
+    final = cp.checkpoint(sync=True)  # a clean stop: synced and published at once, the waiting ones first
+    assert fsyncs and [c["index"] for c in got] == [4, 10, 16, final["index"]] and final["index"] == 17
+    log.close()
+    in_log = [r["index"] for r in _records(tmp_path / "audit") if r.get("event") == "checkpoint"]
+    assert [c["index"] for c in got] == in_log
+    assert verify_with_checkpoints(tmp_path / "audit", load_verify_key(tmp_path / "k"), published=got).ok
+
+
 @pytest.mark.parametrize("kind", ["modify", "delete", "reorder", "insert"])
 def test_record_tampering_breaks_the_chain(tmp_path: Path, kind: str) -> None:
     audit, pub, published = _site(tmp_path)
