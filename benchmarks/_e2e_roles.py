@@ -81,6 +81,8 @@ def _gc_pause_recorder() -> dict[int, list[float]]:
 
 def role_gateway(a: argparse.Namespace) -> None:
     """The real gateway, as ``edgeward run`` builds it; reports when ``expect`` messages are done."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from gateway.policy import load_policy
     from gateway.runtime.service import Gateway, GatewayConfig
 
@@ -99,7 +101,9 @@ def role_gateway(a: argparse.Namespace) -> None:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         # retime=False unless --retime: the policy re-times uplinks into 5 s batches on purpose; the
         # benchmark measures the gateway's own cost and latency (BENCHMARKS.md §4 states it).
-        gw = Gateway(GatewayConfig(state_dir=Path(a.state), port=a.port, retime=a.retime), policy)
+        # A signing key, as a site has: the audit log is checkpointed every 10,000 records (signed, fsynced).
+        gw = Gateway(GatewayConfig(state_dir=Path(a.state), port=a.port, retime=a.retime,
+                                   audit_signing_key=Ed25519PrivateKey.generate()), policy)
         socket_reads = _time_socket_reads() if a.cpu_split else None  # before the connections bind it
         if a.proto_fsync_thread:
             _fsync_off_loop(gw)

@@ -57,6 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 def worker_main(i: int, n_workers: int, port: int, state_dir: str, shared: Any, counters: Any) -> None:
     """One gateway worker, built as ``edgeward run`` builds it (1 worker) or as workers.py does (N)."""
     import uvloop
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from gateway.runtime.service import Gateway, GatewayConfig
     from gateway.runtime.workers import SHARE_GROUP, worker_client_id
@@ -68,12 +69,16 @@ def worker_main(i: int, n_workers: int, port: int, state_dir: str, shared: Any, 
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         # retime=False, as in benchmarks/e2e.py: the sample policy re-times uplinks into batches of 5 s
         # mean (issue 5), so with it on a row would time the batch boundary, not the workers.
+        # A signing key, as a site's workers have: each chain is checkpointed every 10,000 records.
+        key = Ed25519PrivateKey.generate()
         if n_workers == 1:
-            gw = Gateway(GatewayConfig(state_dir=Path(state_dir), port=port, retime=False), policy)
+            gw = Gateway(GatewayConfig(state_dir=Path(state_dir), port=port, retime=False, audit_signing_key=key),
+                         policy)
         else:
             view = shared.for_worker(i)
             gw = Gateway(GatewayConfig(state_dir=Path(state_dir), port=port, client_id=worker_client_id(i),
-                                       share_group=SHARE_GROUP, retime=False), policy, dedupe=view, rate=view)
+                                       share_group=SHARE_GROUP, retime=False, audit_signing_key=key),
+                         policy, dedupe=view, rate=view)
         async with gw:
             serve = asyncio.create_task(gw.serve(stop))
             counters[4 * i + 3] = 1  # connected and subscribed
