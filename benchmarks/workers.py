@@ -1,6 +1,6 @@
 """Gateway throughput with 1 and 2 workers, against this machine's own two-process ceiling.
 
-    python benchmarks/workers.py [--messages N] [--ceiling-seconds S] [--json]
+    python benchmarks/workers.py [--messages N] [--ceiling-seconds S] [--repeat K] [--json]
 
 Rows (each on a fresh private Mosquitto with Edgeward's rendered config):
 
@@ -22,6 +22,10 @@ Ceiling: the same pure-Python CPU-bound loop in 1 process, then in 2 processes a
 before and after the rows (``--ceiling-seconds`` in all, half each time) and averaged; ceiling ratio = (2-process work per second) / (1-process work per second). On a
 machine with two idle cores it approaches 2.0; on a shared one it says how much a second process can
 get at all. Scaling = (2-worker msg/s) / (1-worker msg/s), shown against that ratio.
+
+``--repeat K`` runs the C-client ceiling and both rows K times, interleaved (ceiling, 1 worker, 2
+workers, ceiling, ...), and adds the medians. On this shared 2-CPU machine one C-client ceiling row
+moved between 60,000 and 86,000 msg/s from one run to the next, so one run's ratio says little.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -274,8 +279,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--messages", type=int, default=30_000, help="small-mix messages per row (default 30000)")
     ap.add_argument("--ceiling-seconds", type=float, default=5.0, help="each ceiling run (default 5)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="the C-client ceiling and both rows this many times, interleaved; adds the medians")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     a = ap.parse_args()
+    if a.repeat < 1:
+        ap.error("--repeat must be at least 1")
     t0 = time.perf_counter()
     policy = load_policy(REPO / "policies")
     maker = MessageMaker(devices=max(2000, a.messages // 10))  # ~10 messages a device per row
@@ -286,36 +295,54 @@ def main() -> None:
     # The broker's own ceiling on the same kind of messages in the same run (the C clients at both ends,
     # mosquitto_pub -> mosquitto_sub, QoS 1, as benchmarks/e2e.py measures it): the issue's target is the
     # gateway at >= 0.5 of it.
-    log("[ceiling] mosquitto_pub -> mosquitto_sub (C), QoS 1 ...")
-    c_msgs = maker.make(a.messages, "small")
-    c_row = throughput_row("cc", 1, c_msgs, [key_of(t, p) for t, p in c_msgs], policy)
-    rows = []
-    for n in (1, 2):
-        log(f"[{n} worker(s)] {a.messages} messages ...")
-        rows.append(run_row(n, maker.make(a.messages, "small"), policy))  # fresh seqs for every row
+    repeats: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+    for k in range(a.repeat):
+        tag = f" (repeat {k + 1} of {a.repeat})" if a.repeat > 1 else ""
+        log(f"[ceiling] mosquitto_pub -> mosquitto_sub (C), QoS 1{tag} ...")
+        c_msgs = maker.make(a.messages, "small")
+        c_row = throughput_row("cc", 1, c_msgs, [key_of(t, p) for t, p in c_msgs], policy)
+        rows = []
+        for n in (1, 2):
+            log(f"[{n} worker(s)] {a.messages} messages{tag} ...")
+            rows.append(run_row(n, maker.make(a.messages, "small"), policy))  # fresh seqs for every row
+        for r in rows:
+            r["vs_c_qos1"] = r["msgs_per_s"] / c_row["msgs_per_s"]
+        repeats.append((c_row, rows))
     log("[ceiling] again ...")
     after = ceiling(a.ceiling_seconds / 2)
     ceil = {"before": before, "after": after, "ratio": (before["ratio"] + after["ratio"]) / 2}
-    scaling = rows[1]["msgs_per_s"] / rows[0]["msgs_per_s"]
-    for r in rows:
-        r["vs_c_qos1"] = r["msgs_per_s"] / c_row["msgs_per_s"]
+    scaling = statistics.median(rows[1]["msgs_per_s"] / rows[0]["msgs_per_s"] for _, rows in repeats)
+    median = {"c_c_msgs_per_s": statistics.median(c["msgs_per_s"] for c, _ in repeats),
+              **{f"workers_{n}": {"msgs_per_s": statistics.median(rows[i]["msgs_per_s"] for _, rows in repeats),
+                                  "vs_c_qos1": statistics.median(rows[i]["vs_c_qos1"] for _, rows in repeats)}
+                 for i, n in enumerate((1, 2))}}
     meta = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "seconds": time.perf_counter() - t0,
-            "messages": a.messages, "scaling": scaling, "ceiling_ratio": ceil["ratio"],
+            "messages": a.messages, "repeat": a.repeat, "scaling": scaling, "ceiling_ratio": ceil["ratio"],
             "scaling_vs_ceiling": scaling / ceil["ratio"]}
     if a.json:
-        print(json.dumps({"meta": meta, "ceiling": ceil, "c_ceiling": c_row, "rows": rows}, indent=1, default=str))
+        c_row, rows = repeats[-1]
+        print(json.dumps({"meta": meta, "ceiling": ceil, "c_ceiling": c_row, "rows": rows, "median": median,
+                          "repeats": [{"c_ceiling": c, "rows": rs} for c, rs in repeats]}, indent=1, default=str))
         return
     print(f"\nEdgeward workers — {meta['cpus']} CPUs, Python {meta['python']}, small mix, QoS 1, "
           f"{a.messages} messages per row, {meta['seconds']:.0f}s")
+    table = []
+    for k, (c_row, rows) in enumerate(repeats):
+        tag = f" [{k + 1}]" if a.repeat > 1 else ""
+        table += [[f"ceiling: mosquitto_pub -> mosquitto_sub{tag}", f"{c_row['msgs_per_s']:,.0f}", "1.00",
+                   c_row["lost"], "-", f"{c_row['cpu_us_per_msg']:.0f}", f"{c_row['broker_us_per_msg']:.0f}", "-"]]
+        table += [[f"edgeward, {r['workers']} worker{'s' if r['workers'] > 1 else ''}{tag}", f"{r['msgs_per_s']:,.0f}",
+                   f"{r['vs_c_qos1']:.2f}", r["lost"], r["dups"], f"{r['cpu_us_per_msg']:.0f}",
+                   f"{r['broker_us_per_msg']:.0f}", "/".join(map(str, r["received_per_worker"]))] for r in rows]
+    if a.repeat > 1:
+        table += [[f"median of {a.repeat}: C-C ceiling", f"{median['c_c_msgs_per_s']:,.0f}", "1.00",
+                   "", "", "", "", ""]]
+        table += [[f"median of {a.repeat}: edgeward, {n} worker{'s' if n > 1 else ''}",
+                   f"{median[f'workers_{n}']['msgs_per_s']:,.0f}", f"{median[f'workers_{n}']['vs_c_qos1']:.2f}",
+                   "", "", "", "", ""] for n in (1, 2)]
     print_table(["consumer", "msg/s", "vs C-C q1", "lost", "duplicates", "CPU µs/msg", "broker µs/msg",
-                 "received per worker"],
-                [["ceiling: mosquitto_pub -> mosquitto_sub", f"{c_row['msgs_per_s']:,.0f}", "1.00",
-                  c_row["lost"], "-", f"{c_row['cpu_us_per_msg']:.0f}",
-                  f"{c_row['broker_us_per_msg']:.0f}", "-"]]
-                + [[f"edgeward, {r['workers']} worker{'s' if r['workers'] > 1 else ''}", f"{r['msgs_per_s']:,.0f}",
-                    f"{r['vs_c_qos1']:.2f}", r["lost"], r["dups"], f"{r['cpu_us_per_msg']:.0f}",
-                    f"{r['broker_us_per_msg']:.0f}", "/".join(map(str, r["received_per_worker"]))] for r in rows])
-    print(f"\nscaling (2-worker / 1-worker msg/s): {scaling:.2f}   "
+                 "received per worker"], table)
+    print(f"\nscaling (2-worker / 1-worker msg/s{', median' if a.repeat > 1 else ''}): {scaling:.2f}   "
           f"two-process ceiling (same CPU-bound loop, 2 procs / 1 proc): {ceil['ratio']:.2f} "
           f"(before {before['ratio']:.2f}, after {after['ratio']:.2f})   "
           f"scaling / ceiling: {meta['scaling_vs_ceiling']:.2f}")
