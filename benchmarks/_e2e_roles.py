@@ -105,8 +105,6 @@ def role_gateway(a: argparse.Namespace) -> None:
         gw = Gateway(GatewayConfig(state_dir=Path(a.state), port=a.port, retime=a.retime,
                                    audit_signing_key=Ed25519PrivateKey.generate()), policy)
         socket_reads = _time_socket_reads() if a.cpu_split else None  # before the connections bind it
-        if a.proto_fsync_thread:
-            _fsync_off_loop(gw)
         t0, c0 = time.perf_counter(), cpu_s()
         async with gw:
             gc_pauses = _gc_pause_recorder()  # from here: start-up's own collection is not a pause in service
@@ -204,24 +202,6 @@ def _cpu_split(gw: Any, socket_reads: dict[str, int]) -> dict[str, int]:
 
     gw.ingest._on_messages = counted
     return acc
-
-
-def _fsync_off_loop(gw: object) -> None:
-    """PROTOTYPE (not product code): the gateway's 1-s audit/vault fsync in a worker thread instead of on
-    the event loop. Writes stay on the loop (they are what the ingest PUBACK waits for); only the fsync,
-    which the loop never waited on for acknowledgement anyway, moves."""
-
-    async def syncer(stop: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
-        while not stop.is_set():
-            await asyncio.sleep(1.0)
-            audit, vault = gw.audit, gw.vault  # type: ignore[attr-defined]
-            audit.flush()
-            vault.flush()
-            fds = [audit._fh.fileno(), vault._fh.fileno()]
-            await loop.run_in_executor(None, lambda: [os.fsync(fd) for fd in fds])
-
-    gw._syncer = syncer  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------------------------------------ ack-only subscriber
@@ -529,7 +509,6 @@ def main() -> None:
     ap.add_argument("--cpu-split", action="store_true", help="gateway: report its CPU per part (benchmarks/e2e.py)")
     ap.add_argument("--conns", type=int, default=8)
     ap.add_argument("--out")
-    ap.add_argument("--proto-fsync-thread", action="store_true")
     ap.add_argument("--stall-report", type=float, default=10.0)
     ap.add_argument("--bundle", type=int, default=0)
     ap.add_argument("--retime", action="store_true")

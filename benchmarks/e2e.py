@@ -95,7 +95,7 @@ MSGS_PER_DEVICE = 5  # in the latency phase's fleets: see main()
 CPU_SPLIT = False  # --cpu-split: the paced gateway reports its CPU per part
 # the nesting parts of the split (benchmarks/_e2e_roles.py names them)
 SOCKET_READS, INGEST_READS, ACKS = "socket reads", "ingest reads", "done log + ingest PUBACKs"
-GW_FLAGS: list[str] = []  # prototype switches passed to the gateway process (--uvloop, --proto-fsync-thread)
+GW_FLAGS: list[str] = []  # switches passed to the gateway process (--uvloop, --bundle, --retime)
 
 
 # ------------------------------------------------------------------------------------------------ messages
@@ -601,8 +601,6 @@ def main() -> None:
                     help="pace the latency phase at this many msg/s instead of half the gateway's QoS-1 rate "
                          "(to compare two versions at the same load)")
     ap.add_argument("--no-uvloop", dest="uvloop", action="store_false", help="run the gateway on the default asyncio loop (the product uses uvloop)")
-    ap.add_argument("--proto-fsync-thread", action="store_true",
-                    help="PROTOTYPE: the gateway's 1-s fsync in a worker thread (not the product's behaviour)")
     ap.add_argument("--bundle", type=int,
                     help="envelopes per uplink MQTT message for every destination instead of the policy's "
                          "(1: one each, the wire before bundles; to compare the two in the same conditions)")
@@ -620,7 +618,7 @@ def main() -> None:
     n_small = a.messages or (300 if a.quick else 20_000)
     n_img = a.image_messages or (40 if a.quick else 600)
     lat_s = a.latency_seconds or (1.0 if a.quick else 6.0)
-    GW_FLAGS.extend([f for f, on in (("--uvloop", a.uvloop), ("--proto-fsync-thread", a.proto_fsync_thread)) if on])
+    GW_FLAGS.extend([f for f, on in (("--uvloop", a.uvloop),) if on])
     if a.bundle:
         GW_FLAGS.extend(["--bundle", str(a.bundle)])
     if a.retime:
