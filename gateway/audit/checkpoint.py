@@ -213,11 +213,12 @@ class Checkpointer:
         self._since = 0
         self._last_t = now
         self.last = ck
-        if not (self.defer_sync if sync is None else sync is False):
+        defer = self.defer_sync if sync is None else not sync
+        if defer:
+            self._unsynced.append(ck)
+        else:
             self.log.flush(sync=True)
             self.publish([*self.take_unsynced(), ck])
-        else:
-            self._unsynced.append(ck)
         return ck
 
     def take_unsynced(self) -> list[dict[str, Any]]:

@@ -1604,7 +1604,8 @@ def _sync_spools(spools: list[Spool]) -> None:
 
 
 def _fsync_all(fds: list[int]) -> bool:
-    """fsync each; False if one failed (a file rotated away meanwhile, EBADF, was synced on rotation)."""
+    """fsync each; False if one failed. EBADF does not count: a file rotated away meanwhile was
+    fsynced when it was rotated."""
     ok = True
     for fd in fds:
         try:
