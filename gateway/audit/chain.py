@@ -4,7 +4,8 @@ Each line of ``audit-NNNNNN.jsonl`` is one canonical JSON record with ``prev`` (
 hash) and ``h`` = SHA-256(prev || canonical record without ``h``). Files rotate by record count and the
 chain runs on across them, so deleting, inserting, reordering or editing any record, or splicing
 files, breaks verification. Writes are group-committed: records are buffered and written per batch,
-and fsynced on an interval, never per message.
+and fsynced by the owner off the hot path (the gateway's syncer thread, once a second), never per
+message.
 """
 
 from __future__ import annotations
@@ -132,11 +133,10 @@ def _files(directory: Path) -> list[Path]:
 class AuditLog:
     """Appends chained records under ``directory``. Not thread-safe; one writer per directory."""
 
-    def __init__(self, directory: Path, *, max_records_per_file: int = 1_000_000, fsync_every_s: float = 1.0) -> None:
+    def __init__(self, directory: Path, *, max_records_per_file: int = 1_000_000) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.max_records_per_file = max_records_per_file
-        self.fsync_every_s = fsync_every_s
         self._buf: list[str] = []
         files = _files(directory)
         self._index = 0
@@ -159,7 +159,6 @@ class AuditLog:
                 self._index = int(rec["i"]) + 1
                 self._prev = rec["h"]
         self._fh = open_append(self._path())
-        self._last_sync = 0.0
 
     def _path(self) -> Path:
         return self.directory / f"audit-{self._file_no:06d}.jsonl"
@@ -185,8 +184,9 @@ class AuditLog:
         self._index += 1
         return h
 
-    def flush(self, *, sync: bool = False, now: float | None = None) -> None:
-        """Write the buffered records (one write); fsync when asked or when the interval has passed."""
+    def flush(self, *, sync: bool = False) -> None:
+        """Write the buffered records (one write); fsync only when asked. The gateway fsyncs in its syncer
+        thread: an fsync here, on its event loop, stalled every message for 5-8 ms (BENCHMARKS.md §4)."""
         try:
             buf = self._buf
             while buf:
@@ -201,9 +201,8 @@ class AuditLog:
                 append_all(self._fh, "".join(chunk).encode(), "audit log")
                 self._in_file += len(chunk)
                 del buf[: len(chunk)]
-            if sync or (now is not None and now - self._last_sync >= self.fsync_every_s):
+            if sync:
                 os.fsync(self._fh.fileno())
-                self._last_sync = now if now is not None else self._last_sync
         except StorageFull:
             raise
         except OSError as exc:

@@ -280,3 +280,60 @@ async def test_checkpoints_are_fsynced_off_the_event_loop_and_published_after(
     assert any(e[0] == "fsync" for e in serving[:first_publish])
     r = verify_with_checkpoints(state / "audit", key.public_key(), published=published)
     assert r.ok, r.errors
+
+
+async def test_a_violation_alert_never_fsyncs_on_the_event_loop(
+        broker: MosquittoBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device that breaks an invariant gets an alert, written to the audit log at once. The alert used
+    to fsync the log on the loop too (5-8 ms here, at most once a second: every second under a hostile
+    device), stalling every message behind it. The syncer's thread fsyncs it within a second instead."""
+    import os
+    import threading
+    import time
+
+    import msgpack
+
+    state = tmp_path / "gw"
+    gw = Gateway(GatewayConfig(state_dir=state, port=broker.port), load_policy(POLICY_DIR))
+    loop_fsyncs: list[str] = []
+    thread_fsyncs: list[str] = []
+    real_fsync = os.fsync
+    loop_thread = threading.get_ident()
+
+    def fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        (loop_fsyncs if threading.get_ident() == loop_thread else thread_fsyncs).append(path)
+        real_fsync(fd)
+
+    topic = "site/AMS-T1/dev/et-00001/result"
+    now_ms = int(time.time() * 1000)
+
+    def bad(seq: int) -> bytes:  # a field the trace detector's schema does not have: guard.unknown_field
+        return msgpack.packb({"seq": seq, "ts": now_ms, "sample_id": "S1234567", "substances": ["RDX"],
+                              "alarm": True, "exfil": "x"})
+
+    stop = asyncio.Event()
+    async with gw:
+        monkeypatch.setattr(os, "fsync", fsync)
+        serve = asyncio.create_task(gw.serve(stop))
+        dev = MqttClient(host="127.0.0.1", port=broker.port, client_id="et-00001", clean_start=True,
+                         keepalive=0)
+        await dev.connect()
+        for seq in (1, 2):  # two alerts over a second apart (at most one per device and reason a second)
+            dev.publish(topic, bad(seq))
+            dev.flush()
+            for _ in range(100):
+                if gw.stats.violations["guard.unknown_field"] >= seq:
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(1.2)
+        await dev.disconnect()
+        monkeypatch.undo()
+        stop.set()
+        await serve
+    assert gw.stats.violations["guard.unknown_field"] == 2
+    alerts = [r for r in iter_records(state / "audit")
+              if r.get("event") == "alert" and r.get("kind") == "violation"]
+    assert len(alerts) == 2
+    assert not [p for p in loop_fsyncs if "/audit/" in p], loop_fsyncs
+    assert [p for p in thread_fsyncs if "/audit/" in p]  # the syncer's
