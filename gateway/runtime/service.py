@@ -528,6 +528,9 @@ class Gateway:
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Gateway:
         self._loop = asyncio.get_running_loop()
+        # A fresh data key is written and fsynced where it is made (0.5-6 ms measured): now, not under
+        # the first message of this life.
+        self.keyring.current()
         await self._connect()
         # A long-lived service: move what start-up built (policy plan, catalogue, keys) out of the
         # cyclic collector's reach, and keep full collections as rare as before (5,000 x 50 x 1,000
