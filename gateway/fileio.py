@@ -16,7 +16,7 @@ from pathlib import Path
 
 from gateway.errors import StorageFull
 
-__all__ = ["open_append", "append_all", "FULL_ERRNOS"]
+__all__ = ["open_append", "append_all", "close_first", "sync_and_close", "FULL_ERRNOS"]
 
 FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -45,3 +45,17 @@ def append_all(fh: io.FileIO, data: bytes, what: str) -> None:
         if exc.errno in FULL_ERRNOS:
             raise StorageFull(f"{what}: no space left ({exc.strerror})") from exc
         raise
+
+
+def close_first(files: list[io.FileIO], n: int) -> None:
+    """Close and forget the ``n`` oldest of a writer's retired files (its owner has fsynced them)."""
+    for fh in files[:n]:
+        fh.close()
+    del files[:n]
+
+
+def sync_and_close(files: list[io.FileIO]) -> None:
+    """fsync and close every retired file (a writer's ``close``)."""
+    for fh in files:
+        os.fsync(fh.fileno())
+    close_first(files, len(files))

@@ -7,13 +7,14 @@ site's keyring. A crash can leave a partial last frame; readers report it and st
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 from gateway.errors import EdgewardError
-from gateway.fileio import append_all, open_append
+from gateway.fileio import append_all, open_append, sync_and_close
 
 __all__ = ["VaultWriter", "read_vault"]
 
@@ -28,6 +29,10 @@ class VaultWriter:
         existing = sorted(directory.glob("vault-*.seg"))
         self._seg = int(existing[-1].stem.split("-")[1]) + 1 if existing else 1
         self._buf: list[bytes] = []
+        # Full segments, still open: whoever fsyncs this writer (the gateway's syncer thread, within a
+        # second) fsyncs and closes them (``fileio.close_first``). Closing one unsynced would leave its
+        # last frames, acknowledged already, to the kernel's writeback whenever it comes.
+        self.retired: list[io.FileIO] = []
         self._open()
 
     def _open(self) -> None:
@@ -48,7 +53,7 @@ class VaultWriter:
         if sync:
             os.fsync(self._fh.fileno())
         if self._size >= self.segment_bytes:
-            self._fh.close()
+            self.retired.append(self._fh)
             self._seg += 1
             self._open()
 
@@ -56,6 +61,7 @@ class VaultWriter:
         if not self._fh.closed:
             self.flush(sync=True)
             self._fh.close()
+        sync_and_close(self.retired)
 
 
 def read_vault(directory: Path, *, strict: bool = False) -> Iterator[bytes]:

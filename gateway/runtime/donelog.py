@@ -10,10 +10,11 @@ OS write: it survives the process; the syncer's fsync covers the machine), ``dev
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
-from gateway.fileio import append_all, open_append
+from gateway.fileio import append_all, open_append, sync_and_close
 
 __all__ = ["DoneLog"]
 
@@ -27,6 +28,7 @@ class DoneLog:
         files = self._files()
         self._n = int(files[-1].stem.split("-")[1]) if files else 1
         self._buf: list[str] = []
+        self.retired: list[io.FileIO] = []  # full files, fsynced and closed by the owner (as VaultWriter's)
         self._fh = open_append(self._path())
 
     def _files(self) -> list[Path]:
@@ -56,7 +58,7 @@ class DoneLog:
         append_all(self._fh, "".join(self._buf).encode(), "done log")
         self._buf.clear()
         if self._fh.tell() >= self.max_file_bytes:
-            self._fh.close()
+            self.retired.append(self._fh)
             self._n += 1
             self._fh = open_append(self._path())
             for old in self._files()[: -self.keep_files]:
@@ -70,3 +72,4 @@ class DoneLog:
             self.flush()
             os.fsync(self._fh.fileno())
             self._fh.close()
+        sync_and_close(self.retired)

@@ -55,6 +55,7 @@ from gateway.crypto.keys import DataKeyring, load_or_create_kek
 from gateway.crypto.recipient import RecipientSealer
 from gateway.detect import CATCH_UP_WINDOW_S, MAX_CATCH_UP_S, OUTAGE_GAP_S, RateBaseline
 from gateway.errors import BrokerError, EdgewardError, StorageFull
+from gateway.fileio import close_first
 from gateway.pipeline import Pipeline, PolicyLike
 from gateway.policy.shadow import shadow_divergences
 from gateway.runtime.donelog import DoneLog
@@ -681,9 +682,10 @@ class Gateway:
         self.audit.close()
 
     async def _syncer(self, stop: asyncio.Event) -> None:
-        """Once a second: fsync the audit log and the vault in a worker thread (an fsync on a busy
-        disk can take tens of milliseconds; the event loop must not wait for it). The writes that
-        acknowledgements depend on stay on the loop."""
+        """Once a second: fsync the audit log, the vault, the done log and the quarantine (and the
+        files they rolled over from) in a worker thread (an fsync on a busy disk can take tens of
+        milliseconds; the event loop must not wait for it). The writes that acknowledgements depend
+        on stay on the loop."""
         while not stop.is_set():
             await asyncio.sleep(1.0)
             if self._disk_full is not None:
@@ -701,8 +703,16 @@ class Gateway:
                 self._enter_disk_full(str(exc))
             if self._done_before and time.monotonic() > self._done_until:
                 self._done_before = {}
-            fds = [f.fileno() for f in (self.audit._fh, self.vault._fh, self.done._fh) if not f.closed]
+            # the live files, and those the vault, the done log and the quarantine rolled over from
+            # since (still open: they are closed here once fsynced, never before)
+            writers = (self.vault, self.done, self.quarantine)
+            rolled = [(w, len(w.retired)) for w in writers]
+            fds = [f.fileno() for w in writers for f in w.retired]
+            fds += [f.fileno() for f in (self.audit._fh, *(w._fh for w in writers)) if not f.closed]
             synced = await asyncio.to_thread(_fsync_all, fds)
+            if synced:
+                for w, n in rolled:
+                    close_first(w.retired, n)
             if checkpoints and self.checkpointer is not None:
                 if synced:
                     self.checkpointer.publish(checkpoints)
@@ -1608,8 +1618,8 @@ def _sync_spools(spools: list[Spool]) -> None:
 
 
 def _fsync_all(fds: list[int]) -> bool:
-    """fsync each; False if one failed. EBADF does not count: a file rotated away meanwhile was
-    fsynced when it was rotated."""
+    """fsync each; False if one failed. EBADF does not count: an audit file rotated away meanwhile
+    was fsynced when it was rotated (the other writers keep theirs open until fsynced here)."""
     ok = True
     for fd in fds:
         try:

@@ -337,3 +337,51 @@ async def test_a_violation_alert_never_fsyncs_on_the_event_loop(
     assert len(alerts) == 2
     assert not [p for p in loop_fsyncs if "/audit/" in p], loop_fsyncs
     assert [p for p in thread_fsyncs if "/audit/" in p]  # the syncer's
+
+
+async def test_rolled_vault_and_done_files_are_fsynced_by_the_syncer_before_they_are_closed(
+        broker: MosquittoBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full vault segment or done-log file used to be closed where it rolled over, unsynced: its
+    last second of frames (acknowledged already) was never fsynced by the gateway. Now it stays open
+    until the syncer's thread has fsynced it, and only then is closed; nothing is fsynced on the loop."""
+    import os
+    import threading
+
+    state = tmp_path / "gw"
+    gw = Gateway(GatewayConfig(state_dir=state, port=broker.port), load_policy(POLICY_DIR))
+    gw.vault.segment_bytes = 2048  # a roll every few batches
+    gw.done.max_file_bytes = 512
+    gw.done.keep_files = 1000  # keep them all, to check each
+    fsynced: dict[str, list[bool]] = {}  # path -> on the loop?, per fsync
+    real_fsync = os.fsync
+    loop_thread = threading.get_ident()
+
+    def fsync(fd: int) -> None:
+        on_loop = threading.get_ident() == loop_thread
+        fsynced.setdefault(os.readlink(f"/proc/self/fd/{fd}"), []).append(on_loop)
+        real_fsync(fd)
+
+    fleet = Fleet(make_fleet(8, seed=9), port=broker.port, seed=9, rate_scale=8.0, health_interval_s=0.5,
+                  drop_every_s=None)
+    stop = asyncio.Event()
+    async with gw:
+        monkeypatch.setattr(os, "fsync", fsync)
+        serve = asyncio.create_task(gw.serve(stop))
+        await fleet.run(3.0)
+        await asyncio.sleep(1.3)  # one more round of the syncer
+        live = {os.readlink(f"/proc/self/fd/{w._fh.fileno()}") for w in (gw.vault, gw.done)}
+        still_open = sum(len(getattr(w, "retired", ())) for w in (gw.vault, gw.done))
+        rolled = [str(p) for d in ("vault", "done") for p in sorted((state / d).iterdir())
+                  if str(p) not in live]
+        serving = {p: list(v) for p, v in fsynced.items()}
+        monkeypatch.undo()
+        stop.set()
+        await serve
+    assert len([p for p in rolled if "/vault/" in p]) >= 2 and len([p for p in rolled if "/done/" in p]) >= 2
+    assert still_open <= 2  # at most those rolled over since the last round
+    unsynced = [p for p in rolled if not serving.get(p)]
+    assert len(unsynced) <= still_open, unsynced
+    assert not [p for p, on_loop in serving.items() if any(on_loop) and ("/vault/" in p or "/done/" in p)]
+    vaults = [name for name, d in gw.policy.destinations.items() if d.transport == "vault"]
+    vaulted = sum(gw.stats.forwarded[n] for n in vaults)
+    assert len(list(read_vault(state / "vault", strict=True))) == vaulted > 0
