@@ -227,6 +227,28 @@ async def test_gateway_restart_loses_nothing(broker: MosquittoBroker, tmp_path: 
     assert verify_chain(state / "audit").ok
 
 
+def _small_fleet(broker: MosquittoBroker) -> Fleet:
+    return Fleet(make_fleet(8, seed=9), port=broker.port, seed=9, rate_scale=8.0, health_interval_s=0.5,
+                 drop_every_s=None)
+
+
+def _record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """From now on every os.fsync is recorded as (path, made on this thread, i.e. the event loop?)."""
+    import os
+    import threading
+
+    seen: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+    loop_thread = threading.get_ident()
+
+    def fsync(fd: int) -> None:
+        seen.append((os.readlink(f"/proc/self/fd/{fd}"), threading.get_ident() == loop_thread))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return seen
+
+
 async def test_checkpoints_are_fsynced_off_the_event_loop_and_published_after(
         broker: MosquittoBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A checkpoint every 25 records: its fsync (~4 ms for 10,000 records on the development machine)
@@ -256,8 +278,7 @@ async def test_checkpoints_are_fsynced_off_the_event_loop_and_published_after(
     publish = gw.checkpointer._publish
     assert publish is not None
     gw.checkpointer._publish = lambda ck: (events.append(("publish", ck)), publish(ck))[1]  # type: ignore[func-returns-value]
-    fleet = Fleet(make_fleet(8, seed=9), port=broker.port, seed=9, rate_scale=8.0, health_interval_s=0.5,
-                  drop_every_s=None)
+    fleet = _small_fleet(broker)
     stop = asyncio.Event()
     async with gw:
         monkeypatch.setattr(os, "fsync", fsync)
@@ -287,24 +308,12 @@ async def test_a_violation_alert_never_fsyncs_on_the_event_loop(
     """A device that breaks an invariant gets an alert, written to the audit log at once. The alert used
     to fsync the log on the loop too (5-8 ms here, at most once a second: every second under a hostile
     device), stalling every message behind it. The syncer's thread fsyncs it within a second instead."""
-    import os
-    import threading
     import time
 
     import msgpack
 
     state = tmp_path / "gw"
     gw = Gateway(GatewayConfig(state_dir=state, port=broker.port), load_policy(POLICY_DIR))
-    loop_fsyncs: list[str] = []
-    thread_fsyncs: list[str] = []
-    real_fsync = os.fsync
-    loop_thread = threading.get_ident()
-
-    def fsync(fd: int) -> None:
-        path = os.readlink(f"/proc/self/fd/{fd}")
-        (loop_fsyncs if threading.get_ident() == loop_thread else thread_fsyncs).append(path)
-        real_fsync(fd)
-
     topic = "site/AMS-T1/dev/et-00001/result"
     now_ms = int(time.time() * 1000)
 
@@ -314,7 +323,7 @@ async def test_a_violation_alert_never_fsyncs_on_the_event_loop(
 
     stop = asyncio.Event()
     async with gw:
-        monkeypatch.setattr(os, "fsync", fsync)
+        fsyncs = _record_fsyncs(monkeypatch)
         serve = asyncio.create_task(gw.serve(stop))
         dev = MqttClient(host="127.0.0.1", port=broker.port, client_id="et-00001", clean_start=True,
                          keepalive=0)
@@ -335,8 +344,8 @@ async def test_a_violation_alert_never_fsyncs_on_the_event_loop(
     alerts = [r for r in iter_records(state / "audit")
               if r.get("event") == "alert" and r.get("kind") == "violation"]
     assert len(alerts) == 2
-    assert not [p for p in loop_fsyncs if "/audit/" in p], loop_fsyncs
-    assert [p for p in thread_fsyncs if "/audit/" in p]  # the syncer's
+    assert not [p for p, on_loop in fsyncs if on_loop and "/audit/" in p], fsyncs
+    assert [p for p, on_loop in fsyncs if not on_loop and "/audit/" in p]  # the syncer's
 
 
 async def test_rolled_vault_and_done_files_are_fsynced_by_the_syncer_before_they_are_closed(
@@ -345,27 +354,16 @@ async def test_rolled_vault_and_done_files_are_fsynced_by_the_syncer_before_they
     last second of frames (acknowledged already) was never fsynced by the gateway. Now it stays open
     until the syncer's thread has fsynced it, and only then is closed; nothing is fsynced on the loop."""
     import os
-    import threading
 
     state = tmp_path / "gw"
     gw = Gateway(GatewayConfig(state_dir=state, port=broker.port), load_policy(POLICY_DIR))
     gw.vault.segment_bytes = 2048  # a roll every few batches
     gw.done.max_file_bytes = 512
     gw.done.keep_files = 1000  # keep them all, to check each
-    fsynced: dict[str, list[bool]] = {}  # path -> on the loop?, per fsync
-    real_fsync = os.fsync
-    loop_thread = threading.get_ident()
-
-    def fsync(fd: int) -> None:
-        on_loop = threading.get_ident() == loop_thread
-        fsynced.setdefault(os.readlink(f"/proc/self/fd/{fd}"), []).append(on_loop)
-        real_fsync(fd)
-
-    fleet = Fleet(make_fleet(8, seed=9), port=broker.port, seed=9, rate_scale=8.0, health_interval_s=0.5,
-                  drop_every_s=None)
+    fleet = _small_fleet(broker)
     stop = asyncio.Event()
     async with gw:
-        monkeypatch.setattr(os, "fsync", fsync)
+        fsyncs = _record_fsyncs(monkeypatch)
         serve = asyncio.create_task(gw.serve(stop))
         await fleet.run(3.0)
         await asyncio.sleep(1.3)  # one more round of the syncer
@@ -373,15 +371,15 @@ async def test_rolled_vault_and_done_files_are_fsynced_by_the_syncer_before_they
         still_open = sum(len(getattr(w, "retired", ())) for w in (gw.vault, gw.done))
         rolled = [str(p) for d in ("vault", "done") for p in sorted((state / d).iterdir())
                   if str(p) not in live]
-        serving = {p: list(v) for p, v in fsynced.items()}
+        serving = list(fsyncs)
         monkeypatch.undo()
         stop.set()
         await serve
     assert len([p for p in rolled if "/vault/" in p]) >= 2 and len([p for p in rolled if "/done/" in p]) >= 2
     assert still_open <= 2  # at most those rolled over since the last round
-    unsynced = [p for p in rolled if not serving.get(p)]
+    unsynced = [p for p in rolled if p not in {path for path, _ in serving}]
     assert len(unsynced) <= still_open, unsynced
-    assert not [p for p, on_loop in serving.items() if any(on_loop) and ("/vault/" in p or "/done/" in p)]
+    assert not [p for p, on_loop in serving if on_loop and ("/vault/" in p or "/done/" in p)]
     vaults = [name for name, d in gw.policy.destinations.items() if d.transport == "vault"]
     vaulted = sum(gw.stats.forwarded[n] for n in vaults)
     assert len(list(read_vault(state / "vault", strict=True))) == vaulted > 0
