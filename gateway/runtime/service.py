@@ -721,6 +721,9 @@ class Gateway:
             spools = [ob.spool for ob in self.outboxes.values() if ob.spool is not None]
             if spools:
                 await asyncio.to_thread(_sync_spools, spools)
+            if not self.keyring.next_ready:  # the next data key is made here, not under a message
+                with contextlib.suppress(OSError, EdgewardError):  # else the rotation makes it, as before
+                    await asyncio.to_thread(self.keyring.prepare_next)
             with contextlib.suppress(OSError):  # a full disk must not end this loop (it retries the disk)
                 self.write_status()
             for f in (self._shadow_log, self._traffic):

@@ -383,3 +383,47 @@ async def test_rolled_vault_and_done_files_are_fsynced_by_the_syncer_before_they
     vaults = [name for name, d in gw.policy.destinations.items() if d.transport == "vault"]
     vaulted = sum(gw.stats.forwarded[n] for n in vaults)
     assert len(list(read_vault(state / "vault", strict=True))) == vaulted > 0
+
+
+async def test_data_keys_are_made_by_the_syncer_and_rotation_on_the_loop_is_a_swap(
+        broker: MosquittoBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Making a data key writes and fsyncs its record (0.5-6 ms). The syncer's thread makes the next one
+    ahead, so the rotation that falls under a message (every key_max_messages seals) does no I/O."""
+    import time
+
+    import msgpack
+
+    state = tmp_path / "gw"
+    config = GatewayConfig(state_dir=state, port=broker.port, key_max_messages=12)
+    gw = Gateway(config, load_policy(POLICY_DIR))
+    topic = "site/AMS-T1/dev/et-00001/result"
+    stop = asyncio.Event()
+    async with gw:
+        first = gw.keyring.current().kid
+        fsyncs = _record_fsyncs(monkeypatch)
+        serve = asyncio.create_task(gw.serve(stop))
+        dev = MqttClient(host="127.0.0.1", port=broker.port, client_id="et-00001", clean_start=True,
+                         keepalive=0)
+        await dev.connect()
+        seq = 0
+        for _ in range(3):  # a few messages at a time, each burst less than one key's worth of seals
+            await asyncio.sleep(1.3)  # a round of the syncer: the next key is ready
+            for _ in range(3):
+                seq += 1
+                result = {"seq": seq, "ts": int(time.time() * 1000), "sample_id": "S1234567",
+                          "substances": ["RDX"], "alarm": True}
+                dev.publish(topic, msgpack.packb(result))
+            dev.flush()
+            for _ in range(100):
+                if gw.stats.decided >= seq:
+                    break
+                await asyncio.sleep(0.02)
+        await dev.disconnect()
+        sealed_with = {gw.keyring.current().kid}
+        serving = list(fsyncs)
+        monkeypatch.undo()
+        stop.set()
+        await serve
+    assert gw.stats.decided == 9 and first not in sealed_with  # rotated at least once
+    keys = [p for p, _ in serving if p.endswith("datakeys.jsonl")]
+    assert keys and not [p for p, on_loop in serving if on_loop and p.endswith("datakeys.jsonl")], serving

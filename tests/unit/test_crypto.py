@@ -59,6 +59,29 @@ def test_rotation_by_volume_and_age_keeps_old_keys_readable(tmp_path: Path) -> N
     assert [open_envelope(fresh, e)[1] for e in envs] == [bytes([i]) for i in range(7)] + [b"late"]
 
 
+def test_a_prepared_key_makes_the_rotation_a_swap_without_io(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next key is made ahead (off the event loop in the gateway); the rotation on the hot path then
+    takes it without writing or fsyncing anything, and its age counts from then."""
+    now = [1000.0]
+    ring = _ring(tmp_path, max_messages=3, max_age_s=60, clock=lambda: now[0])
+    first = [seal(ring, H, bytes([i])) for i in range(3)]
+    assert ring.prepare_next() and not ring.prepare_next()  # one is ready: not made twice
+    assert ring.next_ready and len(ring.list()) == 2
+    prepared = ring.list()[-1][0]
+    now[0] += 50  # the prepared key is 50 s old when it starts sealing
+    io: list[str] = []
+    monkeypatch.setattr(os, "fsync", lambda fd: io.append("fsync"))
+    monkeypatch.setattr(os, "open", lambda *a, **k: io.append("open"))
+    second = [seal(ring, H, bytes([i])) for i in range(3, 5)]  # the first of them rotates (volume)
+    assert io == [] and not ring.next_ready and ring.current().kid == prepared
+    now[0] += 30  # 80 s after it was made, 30 s after it began sealing: no rotation for age
+    assert ring.current().kid == prepared and io == []
+    monkeypatch.undo()
+    fresh = _ring(tmp_path)
+    assert [open_envelope(fresh, e)[1] for e in first + second] == [bytes([i]) for i in range(5)]
+
+
 def test_crypto_shredding(tmp_path: Path) -> None:
     ring = _ring(tmp_path, max_messages=1)
     e1 = seal(ring, H, b"one")
