@@ -195,6 +195,6 @@ def check_payload(schema: StreamSchema, payload: dict[str, Any], *, now_ms: int)
             raise RejectedMessage(code, f"field {name[:64]!r} is not in the schema")
         out[name] = check(value)
     if not required <= out.keys():
-        missing = sorted(required - out.keys())
+        missing = sorted(required.difference(out))
         raise RejectedMessage("guard.missing_field", f"missing {', '.join(missing)}")
     return out, seq, ts

@@ -56,6 +56,18 @@ class PolicyLike(Protocol):
     def decide(self, facts: MessageFacts) -> Decision: ...
 
 
+class SeqCheck(Protocol):
+    """Sequence dedupe: a DedupeWindow, or the workers' shared state."""
+
+    def is_new(self, device: str, seq: int) -> bool: ...
+
+
+class RateCheck(Protocol):
+    """Per-device rate and volume baseline: a RateBaseline, or the workers' shared state."""
+
+    def observe(self, device: str, size: int, now: float, *, device_type: str) -> str | None: ...
+
+
 class Delivery(NamedTuple):
     """One sealed envelope for one destination (a tuple: built several times per message)."""
 
@@ -94,10 +106,10 @@ class Pipeline:
         keyring: DataKeyring,
         *,
         limits: Limits = DEFAULT_LIMITS,
-        dedupe: DedupeWindow | None = None,
+        dedupe: SeqCheck | None = None,
         clock_ms: Callable[[], int],
         recipients: Mapping[str, Any] | None = None,
-        rate: RateBaseline | None = None,
+        rate: RateCheck | None = None,
         enforce_rate: bool = True,
         seq_ids: SeqIds | None = None,
     ) -> None:
@@ -107,12 +119,12 @@ class Pipeline:
         self.seq_ids = seq_ids
         self.keyring = keyring
         self.limits = limits
-        self.dedupe = dedupe if dedupe is not None else DedupeWindow()
+        self.dedupe: SeqCheck = dedupe if dedupe is not None else DedupeWindow()
         self.clock_ms = clock_ms
         # Destinations with their own public key: sealed so that only they can open it (not the site).
         self.recipients: Mapping[str, Any] = recipients or {}
         # Per-device rate and volume baselines: on unless a caller turns them off (load benchmarks).
-        self.rate = rate if rate is not None else (RateBaseline() if enforce_rate else None)
+        self.rate: RateCheck | None = rate if rate is not None else (RateBaseline() if enforce_rate else None)
         # Isolated devices: refused here too, so nothing slips through before the broker reloads its CRL.
         self.blocked: frozenset[str] | set[str] = frozenset()
         self._device_cache: dict[str, Any] = {}

@@ -59,7 +59,7 @@ class SeqIds:
             raise ValueError("sequence out of range")
         return self._enc.update(_tag(device) + seq.to_bytes(8, "big"))
 
-    def reveal(self, device: str, blob: bytes) -> int | None:
+    def reveal(self, device: str, blob: object) -> int | None:
         if type(blob) is not bytes or len(blob) != SEQ_ID_BYTES:
             return None
         plain = self._dec.update(blob)

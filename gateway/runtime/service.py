@@ -1434,7 +1434,7 @@ class Gateway:
         without its headroom (x PROBATION_REFILL), and a share of its burst. (0, 0) when there is no
         baseline for it."""
         rate = self.pipeline.rate
-        base = getattr(rate, "baseline", rate)
+        base: Any = getattr(rate, "baseline", rate)  # a RateBaseline (duck-typed: the shared state holds one)
         if base is None:
             return (0.0, 0.0)
         try:
