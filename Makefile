@@ -16,7 +16,12 @@ test: install
 
 install: $(VENV)/.installed mosquitto
 
-$(VENV)/.installed: pyproject.toml
+# The compiled core (setup.py) is rebuilt when one of its sources changes; until then the gateway runs
+# those modules from source (gateway/_native.py), never a stale build.
+NATIVE_SRC := $(shell $(PYTHON) -c "import sys; sys.path.insert(0, 'gateway'); import _native as n; \
+	print(' '.join(m.replace('.', '/') + '.py' for m in n.MODULES))")
+
+$(VENV)/.installed: pyproject.toml setup.py gateway/_native.py $(NATIVE_SRC)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'

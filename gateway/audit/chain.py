@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 try:  # the C accelerator (CPython); the pure encoder is the fallback
     from json.encoder import c_make_encoder  # type: ignore[attr-defined]  # private: typeshed omits it
 except ImportError:  # pragma: no cover
@@ -57,6 +59,7 @@ def _canonical(value: Any) -> str:
     return _dumps(value)
 
 
+@mypyc_attr(native_class=False)  # mypyc compiles this module; a list subclass stays a Python class
 class JsonList(list[Any]):
     """A list that carries its own canonical JSON text, computed once when it is built.
 
