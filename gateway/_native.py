@@ -25,7 +25,8 @@ from types import ModuleType
 
 __all__ = ["MODULES", "MANIFEST", "source_path", "guard", "status"]
 
-# The per-message core: pure, typed, no I/O beyond the audit and vault writers' appends.
+# The per-message core: the typed code every message runs through, from decode to the audit record
+# (its only I/O: the audit, vault and data-key files' writes, through the standard library).
 MODULES = (
     "gateway.codec",
     "gateway.guards",
@@ -38,6 +39,10 @@ MODULES = (
     "gateway.crypto.seqid",
     "gateway.crypto.recipient",
     "gateway.audit.chain",
+    "gateway.catalog",
+    "gateway.errors",
+    "gateway.crypto.keys",
+    "gateway.policy.engine",
 )
 MANIFEST = "_native.json"
 PURE_ENV = "EDGEWARD_PURE_PYTHON"

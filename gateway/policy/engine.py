@@ -296,6 +296,7 @@ class Policy:
             if r.when.vendors is not None or r.when.device_types is not None
         )
         self._memo: dict[tuple[Any, ...], Decision] = {}
+        self.planned = 0  # decisions planned, not taken from the memo (each costs ~27 us: BENCHMARKS.md §3)
         self._shared: dict[Decision, Decision] = {}  # equal decisions -> one object (bounded like the memo)
         # The routes once a grant is found depend on the device only through conditions on devices or
         # topics; without any, devices of the same type, vendor, stream and fields share their routes.
@@ -336,6 +337,7 @@ class Policy:
             if len(self._memo) >= MEMO_SIZE:
                 _drop_older_half(self._memo)
             hit = self._memo[key] = self._decide(facts, size_ok)
+            self.planned += 1
         return hit
 
     def _share(self, decision: Decision) -> Decision:

@@ -160,33 +160,23 @@ def test_a_fleet_that_sends_in_turn_is_planned_once_per_device_and_stream(monkey
     from gateway.policy import engine
 
     p = compile_policy(BASE)
-    planned = 0
-    plan = p._decide
-
-    def counting(*a):  # type: ignore[no-untyped-def]
-        nonlocal planned
-        planned += 1
-        return plan(*a)
-
-    monkeypatch.setattr(p, "_decide", counting)
     fleet = [facts(device=f"xr-{i:05d}", stream=s, fields=(("v", "verdict"),))
              for i in range(10_000) for s in ("result", "status/health")]
     first = [p.decide(f) for f in fleet]
-    assert planned == len(fleet)
-    assert [p.decide(f) for f in fleet] == first and planned == len(fleet)
+    assert p.planned == len(fleet)
+    assert [p.decide(f) for f in fleet] == first and p.planned == len(fleet)
     # past the bound: the older half is planned again, the newer half still comes from the memo
     monkeypatch.setattr(engine, "MEMO_SIZE", 8_000)
     p._memo.clear()
-    planned = 0
     for f in fleet[:8_000]:
         p.decide(f)
     p.decide(fleet[8_000])  # full: drops fleet[:4_000]
-    planned = 0
+    planned = p.planned
     for f in fleet[4_000:8_000]:
         p.decide(f)
-    assert planned == 0
+    assert p.planned == planned
     p.decide(fleet[0])
-    assert planned == 1
+    assert p.planned == planned + 1
 
 
 def test_explain_agrees_and_traces(policy) -> None:  # type: ignore[no-untyped-def]
