@@ -25,6 +25,7 @@ from typing import Any
 
 import msgpack
 
+from gateway import _native
 from gateway.audit.chain import iter_records, verify_chain
 from gateway.codec import encode
 from gateway.pipeline import PolicyLike
@@ -123,7 +124,7 @@ async def run_demo(opts: DemoOptions, *, load_policy: Callable[[Path], PolicyLik
             stop = asyncio.Event()
             serve = asyncio.create_task(gw.serve(stop), name="gateway-serve")
             log(f"gateway up: {version}, policy revision {policy.revision}, {len(policy.destinations)} destinations "
-                f"(customs_nl sealed to its own key); fleet of {len(specs)} devices over mTLS for {opts.seconds:g}s")
+                f"(customs_nl sealed to its own key), core {_native.status()['mode']}; fleet of {len(specs)} devices over mTLS for {opts.seconds:g}s")
             sent_box = [0]
             fleet = Fleet(
                 specs,
@@ -282,6 +283,7 @@ def _report(opts: DemoOptions, broker: MosquittoBroker, version: str, gw: Gatewa
                    "config": "rendered by edgeward", "tls": broker.config.tls is not None,
                    "acl": "rendered from the policy", "dropped": s.broker_dropped},
         "policy_revision": pol.revision,
+        "core": _native.status(),  # the per-message core compiled (mypyc) or pure Python, and why
         "devices": opts.devices,
         "seconds": opts.seconds,
         "sent": truth.sent,

@@ -19,6 +19,7 @@ def test_demo_runs_end_to_end_and_accounts_for_every_message() -> None:
     assert r["sent"] > 0 and r["decided"] == r["sent"] and r["send_failures"] == 0
     assert (r["lost"], r["duplicates"], r["undecryptable"]) == (0, 0, 0)
     assert r["drained"] and r["audit_ok"] and r["audit_checkpoints"]["ok"]
+    assert r["core"]["mode"] == "compiled", r["core"]  # the installed gateway runs its compiled core
     mqtt_forwarded = {d: n for d, n in r["forwarded"].items() if d != "local_vault"}
     assert r["at_destinations"] == mqtt_forwarded and sum(mqtt_forwarded.values()) > 0
     # the uplinks travel in bundles: fewer MQTT messages than envelopes, every envelope counted
