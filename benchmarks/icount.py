@@ -13,7 +13,8 @@ Caveats: Valgrind's CPU has no SHA extensions, so OpenSSL hashes with its scalar
 the digest's share is larger than on the real CPU; instructions are not time (a compiled core saves
 more of the interpreter's dispatch, whose instructions are cheap, than of C library calls).
 
-    python benchmarks/icount.py [--messages N] [--json]      # ~1-2 min; needs valgrind (apt-get install valgrind)
+    python benchmarks/icount.py [--messages N] [--json]   # ~2 min; needs valgrind (apt-get install valgrind)
+    python benchmarks/icount.py --time 8 [--json]          # the same core timed (CPU time), 8 paired rounds
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, log, print_table  # noqa: E402
 
 
-def child(n: int, pool: int) -> None:
+def child(n: int, pool: int, timed: bool = False) -> None:
     from _e2e_profile import _fresh
     from e2e import MessageMaker
 
@@ -43,6 +45,7 @@ def child(n: int, pool: int) -> None:
     msgs = MessageMaker(devices=2000).make(pool, "small")[:n]  # the same pool at N and 3N: generation cancels
     with tempfile.TemporaryDirectory(prefix="icount-") as td:
         p, audit, vault = _fresh(Path(td), load_policy(REPO / "policies"))
+        c0 = time.process_time()
         for i, (topic, payload) in enumerate(msgs):
             out = p.process(topic, payload)
             if out.reason:
@@ -56,11 +59,12 @@ def child(n: int, pool: int) -> None:
                 audit.flush()
         vault.flush()
         audit.flush()
+        cpu_us = (time.process_time() - c0) / n * 1e6
         audit.close()
         vault.close()
     from gateway import _native
 
-    print(json.dumps(_native.status()))
+    print(json.dumps({**_native.status(), "cpu_us_per_msg": cpu_us if timed else None}))
 
 
 def count(n: int, pool: int, pure: bool) -> tuple[int, str]:
@@ -75,19 +79,55 @@ def count(n: int, pool: int, pure: bool) -> tuple[int, str]:
     return int(m.group(1)), mode
 
 
+def timed(n: int, rounds: int) -> dict[str, object]:
+    """CPU time a message, compiled and pure in alternating child processes (same messages): each
+    round's ratio is taken within the round, so the machine's drift between rounds cancels."""
+    pairs = []
+    for r in range(rounds):
+        got = {}
+        for pure in (False, True):
+            env = {**os.environ, "EDGEWARD_PURE_PYTHON": "1" if pure else "0"}
+            out = subprocess.run([sys.executable, __file__, "--child", str(n), "--pool", str(n), "--timed"],
+                                 env=env, capture_output=True, text=True, timeout=600, check=True)
+            got[pure] = json.loads(out.stdout.strip().splitlines()[-1])
+        pairs.append((got[False]["cpu_us_per_msg"], got[True]["cpu_us_per_msg"], got[False]["mode"]))
+        log(f"  round {r + 1}/{rounds}: compiled {pairs[-1][0]:.1f} µs, pure {pairs[-1][1]:.1f} µs a message")
+    ratios = sorted(c / p for c, p, _ in pairs)
+    return {"messages": n, "rounds": [{"compiled_us": round(c, 1), "pure_us": round(p, 1), "mode": m}
+                                      for c, p, m in pairs],
+            "median_ratio": round(statistics.median(ratios), 3), "min_ratio": round(ratios[0], 3),
+            "max_ratio": round(ratios[-1], 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--messages", type=int, default=1000, help="N: each build is counted at N and 3N messages")
+    ap.add_argument("--messages", type=int,
+                    help="N: each build is counted at N and 3N messages (default 1000); --time: a run's messages (20000)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--time", type=int, metavar="ROUNDS",
+                    help="instead of counting: CPU time a message, compiled then pure, ROUNDS times (no valgrind)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--pool", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--timed", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child is not None:
-        child(a.child, a.pool)
+        child(a.child, a.pool, a.timed)
+        return
+    if a.time:
+        n = a.messages or 20000
+        res = timed(n, a.time)
+        if a.json:
+            print(json.dumps(res))
+            return
+        print(f"\nCPU time a message through the core ({n} messages a run, small mix, process_time)\n")
+        print_table(["round", "compiled µs/msg", "pure µs/msg", "compiled / pure"],
+                    [[str(i + 1), f"{r['compiled_us']:.1f}", f"{r['pure_us']:.1f}",
+                      f"{r['compiled_us'] / r['pure_us']:.2f}"] for i, r in enumerate(res["rounds"])])
+        print(f"\ncompiled / pure: median {res['median_ratio']:.2f} (rounds {res['min_ratio']:.2f}-{res['max_ratio']:.2f})")
         return
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed: apt-get install valgrind")
-    n = a.messages
+    n = a.messages or 1000
     rows = []
     t0 = time.monotonic()
     for pure in (False, True):
