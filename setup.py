@@ -71,7 +71,8 @@ def _ext_modules() -> list:  # type: ignore[type-arg]
     try:
         return list(mypycify([str(source_path(Path("."), m)) for m in MODULES], opt_level="3"))
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - mypyc refused a module: still installable
-        print(f"edgeward: mypyc could not compile the core ({exc!r}); installing pure Python", file=sys.stderr)
+        print(f"edgeward: mypyc could not compile the core ({exc!r}); installing pure Python",
+              file=sys.stderr)
         return []
 
 

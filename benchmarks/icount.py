@@ -102,10 +102,12 @@ def timed(n: int, rounds: int) -> dict[str, object]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--messages", type=int,
-                    help="N: each build is counted at N and 3N messages (default 1000); --time: a run's messages (20000)")
+                    help="N: each build is counted at N and 3N messages (default 1000); "
+                         "with --time, the messages a run (default 20000)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--time", type=int, metavar="ROUNDS",
-                    help="instead of counting: CPU time a message, compiled then pure, ROUNDS times (no valgrind)")
+                    help="instead of counting: CPU time a message, compiled then pure, "
+                         "ROUNDS times (no valgrind)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--pool", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--timed", action="store_true", help=argparse.SUPPRESS)
@@ -123,7 +125,8 @@ def main() -> None:
         print_table(["round", "compiled µs/msg", "pure µs/msg", "compiled / pure"],
                     [[str(i + 1), f"{r['compiled_us']:.1f}", f"{r['pure_us']:.1f}",
                       f"{r['compiled_us'] / r['pure_us']:.2f}"] for i, r in enumerate(res["rounds"])])
-        print(f"\ncompiled / pure: median {res['median_ratio']:.2f} (rounds {res['min_ratio']:.2f}-{res['max_ratio']:.2f})")
+        print(f"\ncompiled / pure: median {res['median_ratio']:.2f} "
+              f"(rounds {res['min_ratio']:.2f}-{res['max_ratio']:.2f})")
         return
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed: apt-get install valgrind")
@@ -145,7 +148,8 @@ def main() -> None:
     if a.json:
         print(json.dumps(result))
         return
-    print(f"\nInstructions a message through the core (Valgrind callgrind, small mix, {n} and {3 * n} messages)\n")
+    print(f"\nInstructions a message through the core (Valgrind callgrind, small mix, "
+          f"{n} and {3 * n} messages)\n")
     print_table(["build", "ran as", "instructions/msg", "vs pure"],
                 [[r["build"], r["mode"], f"{r['instructions_per_msg']:,}",
                   f"{r['instructions_per_msg'] / pure_row['instructions_per_msg']:.2f}"] for r in rows])

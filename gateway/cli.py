@@ -147,7 +147,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             if args.record_traffic:
                 gw.record_traffic(Path(args.record_traffic))
                 log(f"recording traffic facts to {args.record_traffic}")
-            log(f"gateway running (core {_core()}); edit {site.policy_dir} (or SIGHUP) to reload; Ctrl-C stops")
+            log(f"gateway running (core {_core()}); edit {site.policy_dir} (or SIGHUP) to reload; "
+                "Ctrl-C stops")
             watcher = asyncio.create_task(reloader.watch(stop), name="policy-watch")
             broker_watch = asyncio.create_task(_watch_broker(rt.broker, stop), name="broker-watch")
             await gw.serve(stop)
@@ -188,7 +189,8 @@ def _run_workers(args: argparse.Namespace, site: Any, policy: Any, log: Any) -> 
                          shadow=args.shadow, record_traffic=args.record_traffic)
         async with sw:
             loop.add_signal_handler(signal.SIGHUP, lambda: sw.signal_workers(signal.SIGHUP))
-            log(f"{args.workers} workers running (core {_core()}); edit {site.policy_dir} (or SIGHUP) to reload; Ctrl-C stops")
+            log(f"{args.workers} workers running (core {_core()}); edit {site.policy_dir} (or SIGHUP) to "
+                "reload; Ctrl-C stops")
             await sw.supervise(stop)
         for i in sorted(sw.final):
             log(f"worker {i}: " + json.dumps(sw.final[i]))

@@ -124,7 +124,8 @@ async def run_demo(opts: DemoOptions, *, load_policy: Callable[[Path], PolicyLik
             stop = asyncio.Event()
             serve = asyncio.create_task(gw.serve(stop), name="gateway-serve")
             log(f"gateway up: {version}, policy revision {policy.revision}, {len(policy.destinations)} destinations "
-                f"(customs_nl sealed to its own key), core {_native.status()['mode']}; fleet of {len(specs)} devices over mTLS for {opts.seconds:g}s")
+                f"(customs_nl sealed to its own key), core {_native.status()['mode']}; "
+                f"fleet of {len(specs)} devices over mTLS for {opts.seconds:g}s")
             sent_box = [0]
             fleet = Fleet(
                 specs,

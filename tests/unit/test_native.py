@@ -22,8 +22,9 @@ PROBE = ("import json, gateway._native as n, gateway.guards as g, gateway.pipeli
 
 def _probe(root: Path, **env: str) -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", _native.PURE_ENV)}
-    out = subprocess.run([sys.executable, "-c", PROBE], cwd=root, env={**clean, "PYTHONPATH": str(root), **env},
-                         capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=root,
+                         env={**clean, "PYTHONPATH": str(root), **env}, capture_output=True, text=True,
+                         timeout=60, check=True)
     result: dict[str, str] = json.loads(out.stdout)
     return result
 
