@@ -23,7 +23,8 @@ from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "gateway"))
-from _native import MANIFEST, MODULES, source_path  # noqa: E402 - the list lives with the guard that reads it
+# the list lives with the guard that reads it
+from _native import MANIFEST, MODULES, PURE_ENV, source_path  # noqa: E402
 
 sys.path.pop(0)
 
@@ -44,24 +45,14 @@ class BuildNative(build_ext):
         manifest.parent.mkdir(parents=True, exist_ok=True)
         manifest.write_text(json.dumps({"modules": digests}, indent=1, sort_keys=True) + "\n")
 
-    def build_extension(self, ext):  # type: ignore[no-untyped-def]
-        try:
-            super().build_extension(ext)
-        except Exception as exc:  # noqa: BLE001
-            raise _BuildFailed(str(exc)) from exc
-
     @staticmethod
     def _fallback(exc: Exception) -> None:
         print(f"edgeward: the compiled core could not be built ({exc}); installing pure Python "
               "(same behaviour, slower: docs/scaling.md)", file=sys.stderr)
 
 
-class _BuildFailed(Exception):
-    pass
-
-
 def _ext_modules() -> list:  # type: ignore[type-arg]
-    if os.environ.get("EDGEWARD_PURE_PYTHON") == "1":
+    if os.environ.get(PURE_ENV) == "1":
         return []
     try:
         from mypyc.build import mypycify
