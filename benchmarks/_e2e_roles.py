@@ -177,6 +177,21 @@ def _time_socket_reads() -> dict[str, int]:
     return acc
 
 
+class _Timed:
+    """Stands in for an object whose method ``attr`` is timed (mypyc's classes have read-only methods):
+    that one method is the timed wrapper, every other attribute is the object's own, read and written."""
+
+    def __init__(self, inner: Any, attr: str, wrapper: Any) -> None:
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, attr, wrapper)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._inner, name, value)
+
+
 def _cpu_split(gw: Any, socket_reads: dict[str, int]) -> dict[str, int]:
     acc: dict[str, int] = dict.fromkeys([name for name, _, _ in _SPLIT] + ["ingest reads"], 0)
     acc["reads"] = 0
@@ -192,8 +207,10 @@ def _cpu_split(gw: Any, socket_reads: dict[str, int]) -> dict[str, int]:
         return wrapper
 
     for name, owner, attr in _SPLIT:
-        obj = getattr(gw, owner) if owner else gw
-        setattr(obj, attr, timed(name, getattr(obj, attr)))
+        if owner:  # a compiled object's methods cannot be replaced: time it through a stand-in
+            setattr(gw, owner, _Timed(getattr(gw, owner), attr, timed(name, getattr(getattr(gw, owner), attr))))
+        else:
+            setattr(gw, attr, timed(name, getattr(gw, attr)))
     on_messages = timed("ingest reads", gw.ingest._on_messages)
 
     def counted(batch: Any) -> None:
