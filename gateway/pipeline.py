@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 from gateway.audit.chain import JsonList
@@ -77,20 +77,34 @@ class Delivery(NamedTuple):
     envelope: bytes
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Outcome:
-    """What happened to one message. ``reason`` is '' when it was decided by the policy."""
+    """What happened to one message. ``reason`` is '' when it was decided by the policy.
+
+    Its ``__init__`` is written out: compiled, it is native (the dataclass's is Python code)."""
 
     device: str
     stream: str
     seq: int
     ts: int
-    reason: str = ""
-    duplicate: bool = False
-    deliveries: list[Delivery] = field(default_factory=list)
-    decision: Decision | None = None
-    facts: MessageFacts | None = None
-    record: dict[str, Any] = field(default_factory=dict)
+    reason: str
+    duplicate: bool
+    deliveries: list[Delivery]
+    decision: Decision | None
+    facts: MessageFacts | None
+    record: dict[str, Any]
+
+    def __init__(self, device: str, stream: str, seq: int, ts: int, reason: str = "") -> None:
+        self.device = device
+        self.stream = stream
+        self.seq = seq
+        self.ts = ts
+        self.reason = reason
+        self.duplicate = False
+        self.deliveries = []
+        self.decision = None
+        self.facts = None
+        self.record = {}
 
 
 class Pipeline:

@@ -72,7 +72,7 @@ def test_the_pure_python_core_passes_the_core_unit_tests() -> None:
     # The same sources run uncompiled wherever the build could not compile them (or after an edit):
     # they must behave the same. ~5 s: the core's own unit tests, in a child with the switch on.
     files = ["test_codec.py", "test_guards.py", "test_detect.py", "test_dedupe.py", "test_pipeline.py",
-             "test_audit.py", "test_seqid.py", "test_recipient.py"]
+             "test_model.py", "test_audit.py", "test_seqid.py", "test_recipient.py"]
     clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           *[str(REPO / "tests" / "unit" / f) for f in files]],
