@@ -31,6 +31,7 @@ __all__ = ["SEQ_ID_BYTES", "SeqIds"]
 SEQ_ID_BYTES = 16
 _INFO = b"edgeward header sequence v1"
 _MAX_SEQ = (1 << 64) - 1
+_TAGS_KEPT = 200_000
 
 
 def _tag(device: str) -> bytes:
@@ -41,7 +42,7 @@ class SeqIds:
     """``hide(device, seq)`` -> 16 bytes; ``reveal(device, blob)`` -> the sequence, or None when the
     blob was not made for that device under this key."""
 
-    __slots__ = ("_dec", "_enc")
+    __slots__ = ("_dec", "_enc", "_tags")
 
     def __init__(self, key: bytes) -> None:
         if len(key) != 32:
@@ -49,6 +50,17 @@ class SeqIds:
         cipher = Cipher(algorithms.AES(key), modes.ECB())  # noqa: S305 - one block: a PRP, see the module docstring
         self._enc = cipher.encryptor()
         self._dec = cipher.decryptor()
+        # BLAKE2b of a device id, once per device (0.47 µs a message otherwise); bounded like the
+        # pipeline's own per-device caches
+        self._tags: dict[str, bytes] = {}
+
+    def _tag(self, device: str) -> bytes:
+        tag = self._tags.get(device)
+        if tag is None:
+            if len(self._tags) >= _TAGS_KEPT:
+                self._tags.clear()
+            tag = self._tags[device] = _tag(device)
+        return tag
 
     @classmethod
     def from_kek(cls, kek: bytes) -> SeqIds:
@@ -57,12 +69,12 @@ class SeqIds:
     def hide(self, device: str, seq: int) -> bytes:
         if not 0 <= seq <= _MAX_SEQ:
             raise ValueError("sequence out of range")
-        return self._enc.update(_tag(device) + seq.to_bytes(8, "big"))
+        return self._enc.update(self._tag(device) + seq.to_bytes(8, "big"))
 
     def reveal(self, device: str, blob: object) -> int | None:
         if type(blob) is not bytes or len(blob) != SEQ_ID_BYTES:
             return None
         plain = self._dec.update(blob)
-        if plain[:8] != _tag(device):
+        if plain[:8] != self._tag(device):
             return None
         return int.from_bytes(plain[8:], "big")

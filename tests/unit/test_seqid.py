@@ -34,6 +34,18 @@ def test_hide_is_deterministic_and_only_the_key_and_the_device_reveal_it() -> No
         ids.hide("et-00004", -1)
 
 
+def test_the_per_device_tags_are_cached_within_a_bound() -> None:
+    from gateway.crypto import seqid
+
+    ids = SeqIds.from_kek(KEK)
+    first = ids.hide("et-00004", 9)
+    for i in range(seqid._TAGS_KEPT + 10):  # more devices than the cache keeps: cleared, never grown past it
+        ids.hide(f"et-{i:06d}", 1)
+    assert 0 < len(ids._tags) <= seqid._TAGS_KEPT
+    assert ids.hide("et-00004", 9) == first and ids.reveal("et-00004", first) == 9  # the same after the clear
+    assert SeqIds.from_kek(KEK).reveal("et-00005", first) is None
+
+
 def test_nothing_of_the_number_shows() -> None:
     """Two bytes of a secret in the low bits, or a gap, change the whole block: neither the secret nor
     the order survives."""
