@@ -47,7 +47,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import log, print_table, proc_cpu_seconds
-from e2e import DEST_ID, AuditTally, MessageMaker, key_of, prime, run_pub, start_broker, throughput_row
+from e2e import (DEST_ID, PUBLISHER_BOUND, AuditTally, MessageMaker, key_of, prime, run_pub, start_broker,
+                 throughput_row)
 
 from gateway.crypto.keys import DataKeyring, load_or_create_kek
 from gateway.crypto.seqid import SeqIds
@@ -198,6 +199,11 @@ def run_row(n_workers: int, msgs: list[tuple[str, bytes]], policy: Any) -> dict[
     r = {"workers": n_workers, "messages": n, "seconds": seconds, "msgs_per_s": n / seconds,
          "pub_seconds": fin["seconds"], "cpu_us_per_msg": cpu / n * 1e6, "broker_us_per_msg": b_cpu / n * 1e6,
          "received_per_worker": per_worker, **rec}
+    # As e2e's rows: the most this machine's CPUs could carry of this row (workers + broker + publisher
+    # CPU a message), however fast the workers. Near it, a second worker has nothing left to scale into.
+    r["pub_us_per_msg"] = fin["cpu"] / n * 1e6
+    all_us = r["cpu_us_per_msg"] + r["broker_us_per_msg"] + r["pub_us_per_msg"]
+    r["machine_bound_msgs_per_s"] = (os.cpu_count() or 1) * 1e6 / all_us if all_us else 0.0
     log(f"  [{n_workers} worker(s)] {r['msgs_per_s']:,.0f} msg/s (publisher done at {r['pub_seconds']:.2f}s of "
         f"{seconds:.2f}s), {r['cpu_us_per_msg']:.0f} µs CPU/msg, per worker {per_worker}, lost {r['lost']} "
         f"(not decided {r['not_decided']}, deliveries missing {r['missing_deliveries']} of {r['deliveries']}), "
@@ -330,18 +336,30 @@ def main() -> None:
     for k, (c_row, rows) in enumerate(repeats):
         tag = f" [{k + 1}]" if a.repeat > 1 else ""
         table += [[f"ceiling: mosquitto_pub -> mosquitto_sub{tag}", f"{c_row['msgs_per_s']:,.0f}", "1.00",
-                   c_row["lost"], "-", f"{c_row['cpu_us_per_msg']:.0f}", f"{c_row['broker_us_per_msg']:.0f}", "-"]]
+                   c_row["lost"], "-", f"{c_row['cpu_us_per_msg']:.0f}", f"{c_row['broker_us_per_msg']:.0f}",
+                   f"{c_row['pub_us_per_msg']:.0f}", f"{c_row['machine_bound_msgs_per_s']:,.0f}", "-", "-"]]
         table += [[f"edgeward, {r['workers']} worker{'s' if r['workers'] > 1 else ''}{tag}", f"{r['msgs_per_s']:,.0f}",
                    f"{r['vs_c_qos1']:.2f}", r["lost"], r["dups"], f"{r['cpu_us_per_msg']:.0f}",
-                   f"{r['broker_us_per_msg']:.0f}", "/".join(map(str, r["received_per_worker"]))] for r in rows]
+                   f"{r['broker_us_per_msg']:.0f}", f"{r['pub_us_per_msg']:.0f}",
+                   f"{r['machine_bound_msgs_per_s']:,.0f}",
+                   f"{r['msgs_per_s'] / max(r['machine_bound_msgs_per_s'], 1e-9):.2f}",
+                   "/".join(map(str, r["received_per_worker"]))] for r in rows]
     if a.repeat > 1:
         table += [[f"median of {a.repeat}: C-C ceiling", f"{median['c_c_msgs_per_s']:,.0f}", "1.00",
-                   "", "", "", "", ""]]
+                   "", "", "", "", "", "", "", ""]]
         table += [[f"median of {a.repeat}: edgeward, {n} worker{'s' if n > 1 else ''}",
                    f"{median[f'workers_{n}']['msgs_per_s']:,.0f}", f"{median[f'workers_{n}']['vs_c_qos1']:.2f}",
-                   "", "", "", "", ""] for n in (1, 2)]
+                   "", "", "", "", "", "", "", ""] for n in (1, 2)]
     print_table(["consumer", "msg/s", "vs C-C q1", "lost", "duplicates", "CPU µs/msg", "broker µs/msg",
-                 "received per worker"], table)
+                 "pub µs/msg", "machine bound", "of bound", "received per worker"], table)
+    bound = [k + 1 for k, (c, _) in enumerate(repeats) if c["pub_seconds"] >= PUBLISHER_BOUND * c["seconds"]]
+    if bound:
+        rows_said = f"rows {', '.join(map(str, bound))} were" if len(bound) > 1 else f"row {bound[0]} was"
+        print(f"the C-C {rows_said} publisher-bound (mosquitto_pub still sending when the subscriber "
+              "finished): not the broker's ceiling, so the ratios against it overstate; far fewer or far "
+              "more --messages than 30000 do that")
+    print(f"(machine bound = {meta['cpus']} CPUs / (consumer + broker + publisher CPU a message): the most "
+          "this machine could carry of that row however fast the consumer; 'of bound': the share taken)")
     print(f"\nscaling (2-worker / 1-worker msg/s{', median' if a.repeat > 1 else ''}): {scaling:.2f}   "
           f"two-process ceiling (same CPU-bound loop, 2 procs / 1 proc): {ceil['ratio']:.2f} "
           f"(before {before['ratio']:.2f}, after {after['ratio']:.2f})   "
