@@ -208,7 +208,8 @@ def _cpu_split(gw: Any, socket_reads: dict[str, int]) -> dict[str, int]:
 
     for name, owner, attr in _SPLIT:
         if owner:  # a compiled object's methods cannot be replaced: time it through a stand-in
-            setattr(gw, owner, _Timed(getattr(gw, owner), attr, timed(name, getattr(getattr(gw, owner), attr))))
+            inner = getattr(gw, owner)
+            setattr(gw, owner, _Timed(inner, attr, timed(name, getattr(inner, attr))))
         else:
             setattr(gw, attr, timed(name, getattr(gw, attr)))
     on_messages = timed("ingest reads", gw.ingest._on_messages)

@@ -390,6 +390,27 @@ def run_gateway(port: int, n: int, qos: int, state: Path, uv: bool, mfile: Path)
     return done, final
 
 
+def add_machine_bound(r: dict[str, Any], pub_cpu_s: float, n: int) -> None:
+    """Every process of the row on this machine (consumer + broker + publisher): how many messages a
+    second its CPUs could carry of this row at most, however fast the consumer. The gateway's uplinks go
+    back through the same broker (~2 deliveries a message), so its row costs the broker ~3 publishes a
+    message. ``r`` has ``cpu_us_per_msg`` and ``broker_us_per_msg``; this adds the publisher's and the
+    bound."""
+    r["pub_us_per_msg"] = pub_cpu_s / n * 1e6
+    all_us = r["all_us_per_msg"] = r["cpu_us_per_msg"] + r["broker_us_per_msg"] + r["pub_us_per_msg"]
+    r["machine_bound_msgs_per_s"] = (os.cpu_count() or 1) * 1e6 / all_us if all_us else 0.0
+
+
+PUBLISHER_BOUND = 0.95  # the C publishers still sending at this share of the row's time: not a ceiling
+
+
+def publisher_bound(row: dict[str, Any]) -> bool:
+    """The C publishers were still sending as the row ended: it measured them, not the broker. With many
+    messages a row, each `mosquitto_pub -l` costs more a message (BENCHMARKS.md §4, session 18); at a
+    tiny load their start-up dominates."""
+    return bool(row["seconds"] > 0 and row["pub_seconds"] >= PUBLISHER_BOUND * row["seconds"])
+
+
 def throughput_row(kind: str, qos: int, msgs: list[tuple[str, bytes]], keys: list[tuple[str, int]], policy: Any,
                    uv: bool = False) -> dict[str, Any]:
     n = len(msgs)
@@ -446,12 +467,7 @@ def throughput_row(kind: str, qos: int, msgs: list[tuple[str, bytes]], keys: lis
     r["mb_per_s"] = mb / r["seconds"] if r["seconds"] else 0.0
     r["cpu_us_per_msg"] = r["cpu"] / n * 1e6
     r["broker_us_per_msg"] = b_cpu / n * 1e6
-    # Every process of the row on this machine (consumer + broker + publisher): how many messages a second
-    # its CPUs could carry of this row at most, however fast the consumer. The gateway's uplinks go back
-    # through the same broker (~2 deliveries a message), so its row costs the broker ~3 publishes a message.
-    r["pub_us_per_msg"] = r.get("pub_cpu", 0.0) / n * 1e6
-    r["all_us_per_msg"] = r["cpu_us_per_msg"] + r["broker_us_per_msg"] + r["pub_us_per_msg"]
-    r["machine_bound_msgs_per_s"] = (os.cpu_count() or 1) * 1e6 / r["all_us_per_msg"] if r["all_us_per_msg"] else 0.0
+    add_machine_bound(r, r.get("pub_cpu", 0.0), n)
     log(f"  [{name} QoS {qos}] {r['msgs_per_s']:,.0f} msg/s ({r['mb_per_s']:.1f} MB/s; publisher done at "
         f"{r['pub_seconds']:.2f}s of {r['seconds']:.2f}s), {r['cpu_us_per_msg']:.0f} µs CPU/msg, lost {r['lost']}, "
         f"dups {r['dups']}, unacked {unacked}" + (f", gateway reconnects {r['reconnects']}" if "reconnects" in r else ""))
@@ -710,7 +726,6 @@ def profile_stages_for(msgs: list[tuple[str, bytes]]) -> dict[str, Any]:
 
 TARGET_RATIO = 0.5  # issue 6: the gateway's QoS-1 rate over the C clients' QoS-1 ceiling, same run
 TARGET_P99_MS = 5.0  # issue 6: gateway-added latency p99 at half load
-PUBLISHER_BOUND = 0.95  # the C publishers still sending at this share of the row's time: not a ceiling
 
 
 def targets(results: list[dict[str, Any]], latency: dict[str, Any] | None) -> dict[str, Any]:
@@ -718,9 +733,7 @@ def targets(results: list[dict[str, Any]], latency: dict[str, Any] | None) -> di
     row = {(r["kind"], r["qos"]): r for r in results if r["mix"] == "small"}
     gw, cc = row[("gw", 1)], row.get(("cc", 1))
     ratio = gw["vs_cc_qos1"]
-    # With many messages a row, each `mosquitto_pub -l` costs more a message (BENCHMARKS.md §4, session 18)
-    # and the C-C row then measures the publishers, not the broker: a ratio against it means nothing.
-    bound = cc is not None and cc["seconds"] > 0 and cc["pub_seconds"] >= PUBLISHER_BOUND * cc["seconds"]
+    bound = cc is not None and publisher_bound(cc)  # then a ratio against the C-C row means nothing
     p99 = latency.get("added_p99_ms") if latency else None
     return {"ratio": ratio, "lost": gw["lost"], "dups": gw["dups"], "ceiling_publisher_bound": bound,
             "ratio_met": None if ratio is None or bound else

@@ -47,8 +47,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import log, print_table, proc_cpu_seconds
-from e2e import (DEST_ID, PUBLISHER_BOUND, AuditTally, MessageMaker, key_of, prime, run_pub, start_broker,
-                 throughput_row)
+from e2e import (DEST_ID, AuditTally, MessageMaker, add_machine_bound, key_of, prime, publisher_bound,
+                 run_pub, start_broker, throughput_row)
 
 from gateway.crypto.keys import DataKeyring, load_or_create_kek
 from gateway.crypto.seqid import SeqIds
@@ -199,11 +199,7 @@ def run_row(n_workers: int, msgs: list[tuple[str, bytes]], policy: Any) -> dict[
     r = {"workers": n_workers, "messages": n, "seconds": seconds, "msgs_per_s": n / seconds,
          "pub_seconds": fin["seconds"], "cpu_us_per_msg": cpu / n * 1e6, "broker_us_per_msg": b_cpu / n * 1e6,
          "received_per_worker": per_worker, **rec}
-    # As e2e's rows: the most this machine's CPUs could carry of this row (workers + broker + publisher
-    # CPU a message), however fast the workers. Near it, a second worker has nothing left to scale into.
-    r["pub_us_per_msg"] = fin["cpu"] / n * 1e6
-    all_us = r["cpu_us_per_msg"] + r["broker_us_per_msg"] + r["pub_us_per_msg"]
-    r["machine_bound_msgs_per_s"] = (os.cpu_count() or 1) * 1e6 / all_us if all_us else 0.0
+    add_machine_bound(r, fin["cpu"], n)  # near it, a second worker has nothing left to scale into
     log(f"  [{n_workers} worker(s)] {r['msgs_per_s']:,.0f} msg/s (publisher done at {r['pub_seconds']:.2f}s of "
         f"{seconds:.2f}s), {r['cpu_us_per_msg']:.0f} µs CPU/msg, per worker {per_worker}, lost {r['lost']} "
         f"(not decided {r['not_decided']}, deliveries missing {r['missing_deliveries']} of {r['deliveries']}), "
@@ -352,7 +348,7 @@ def main() -> None:
                    "", "", "", "", "", "", "", ""] for n in (1, 2)]
     print_table(["consumer", "msg/s", "vs C-C q1", "lost", "duplicates", "CPU µs/msg", "broker µs/msg",
                  "pub µs/msg", "machine bound", "of bound", "received per worker"], table)
-    bound = [k + 1 for k, (c, _) in enumerate(repeats) if c["pub_seconds"] >= PUBLISHER_BOUND * c["seconds"]]
+    bound = [k + 1 for k, (c, _) in enumerate(repeats) if publisher_bound(c)]
     if bound:
         rows_said = f"rows {', '.join(map(str, bound))} were" if len(bound) > 1 else f"row {bound[0]} was"
         print(f"the C-C {rows_said} publisher-bound (mosquitto_pub still sending when the subscriber "
